@@ -1,0 +1,111 @@
+"""Load a Qwen2.5-VL-class model and its processor, with or without torchvision.
+
+Qwen2.5-VL's stock processor bundles a video processor that needs torchvision. Where torchvision is
+missing (this project's CPU machines: the registry's wheels link CUDA), `load_processor` builds the
+same processor class without its video processor, on the PIL image processor. For images and text
+it is the stock class and behaves identically; only video input is refused. Where torchvision
+exists, the stock `AutoProcessor` is used unchanged. A real Qwen2.5-VL folder and the tiny model
+built by `observe_r1.tiny_model` load through the same two functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder is missing, incomplete or not a supported architecture."""
+
+
+def torchvision_available() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
+
+@functools.cache
+def _image_only_class(processor_cls: type) -> type:
+    """`processor_cls` without its video processor.
+
+    `ProcessorMixin` reads a processor's sub-processors off its `__init__` signature, so a subclass
+    whose signature has no `video_processor` is checked, saved and called without one; the parent's
+    `__init__` still receives `video_processor=None` and drops it.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_cls.__init__(
+            self,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+    return type(f"{processor_cls.__name__}ImageOnly", (processor_cls,), {"__init__": __init__})
+
+
+def _check_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+
+
+def _processor_class(path: Path) -> type:
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    import transformers
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    if name is None:
+        raise ModelLoadError(f"{path}: model type '{model_type}' has no multimodal processor in transformers")
+    return getattr(transformers, name)
+
+
+def load_processor(path: str | os.PathLike, **image_kwargs: Any):
+    """The model's processor: stock `AutoProcessor` with torchvision, the image-only variant without.
+
+    `image_kwargs` (e.g. `min_pixels`, `max_pixels`) override the saved image-processor settings.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    path = Path(path)
+    _check_folder(path)
+    if torchvision_available():
+        return AutoProcessor.from_pretrained(path, **image_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", **image_kwargs)
+    cls = _image_only_class(_processor_class(path))
+    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`"bf16"`, `"bfloat16"`, `"fp32"`, `"float32"`, `"fp16"`, `"float16"` or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    value = names.get(dtype) or getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype '{dtype}' (use bf16, fp16 or fp32)")
+    return value
+
+
+def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "fp32", device: str = "cpu"):
+    """The image-text-to-text model in `path`, in eval mode, on `device`."""
+    from transformers import AutoModelForImageTextToText
+
+    path = Path(path)
+    _check_folder(path)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(dtype))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a model from {path}: {e}") from e
+    return model.to(device).eval()

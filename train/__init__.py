@@ -1,0 +1,1 @@
+"""Training: NeuraLadder curriculum, rewards, GRPO algorithms, rollout engines, the DeepSpeed trainer."""
