@@ -34,7 +34,8 @@ def _image_only_class(processor_cls: type) -> type:
 
     `ProcessorMixin` reads a processor's sub-processors off its `__init__` signature, so a subclass
     whose signature has no `video_processor` is checked, saved and called without one; the parent's
-    `__init__` still receives `video_processor=None` and drops it.
+    `__init__` still receives `video_processor=None` and drops it. Video input, which the parent would
+    silently ignore, is refused.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -47,7 +48,13 @@ def _image_only_class(processor_cls: type) -> type:
             **kwargs,
         )
 
-    return type(f"{processor_cls.__name__}ImageOnly", (processor_cls,), {"__init__": __init__})
+    def __call__(self, *args, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError("video input needs torchvision, which is not installed; send images instead")
+        return processor_cls.__call__(self, *args, **kwargs)
+
+    namespace = {"__init__": __init__, "__call__": __call__}
+    return type(f"{processor_cls.__name__}ImageOnly", (processor_cls,), namespace)
 
 
 def _check_folder(path: Path) -> None:
@@ -75,16 +82,13 @@ def load_processor(path: str | os.PathLike, **image_kwargs: Any):
 
     `image_kwargs` (e.g. `min_pixels`, `max_pixels`) override the saved image-processor settings.
     """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor
 
     path = Path(path)
     _check_folder(path)
     if torchvision_available():
         return AutoProcessor.from_pretrained(path, **image_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", **image_kwargs)
-    cls = _image_only_class(_processor_class(path))
-    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    return _image_only_class(_processor_class(path)).from_pretrained(path, **image_kwargs)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
