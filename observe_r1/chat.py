@@ -51,7 +51,11 @@ def generate(
     inputs = processor(text=[prompt], images=images or None, return_tensors="pt").to(model.device)
     if seed is not None:
         torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False}
+    )
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
     prompt_len = inputs["input_ids"].shape[1]
     new_tokens = output[0, prompt_len:]

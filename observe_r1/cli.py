@@ -18,14 +18,18 @@ def _tiny_model(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     params = tiny_model.parameter_count(load_model(out))
     size_mb = sum(f.stat().st_size for f in out.iterdir()) / 1e6
-    print(f"wrote {args.size} Qwen2.5-VL model to {out}: {params:,} parameters, {size_mb:.1f} MB, {seconds:.1f}s")
+    print(
+        f"wrote {args.size} Qwen2.5-VL model to {out}: {params:,} parameters, {size_mb:.1f} MB, {seconds:.1f}s"
+    )
 
 
 def _synth_data(args: argparse.Namespace) -> None:
     from observe_r1 import synth
 
     start = time.perf_counter()
-    path = synth.generate(args.dir, n=args.n, seed=args.seed, image_size=args.image_size, overwrite=args.force)
+    path = synth.generate(
+        args.dir, n=args.n, seed=args.seed, image_size=args.image_size, overwrite=args.force
+    )
     print(f"wrote {args.n} samples to {path} in {time.perf_counter() - start:.1f}s")
 
 
@@ -97,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.set_defaults(func=_synth_data)
 
-    p = sub.add_parser("chat", help="one chat turn with an image; prints the parsed fields and format verdict")
+    p = sub.add_parser(
+        "chat", help="one chat turn with an image; prints the parsed fields and format verdict"
+    )
     p.add_argument("--model", type=Path, required=True)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--sample", type=Path, help="a data file; the question and images come from --row")

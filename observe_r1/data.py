@@ -185,4 +185,3 @@ def iter_samples(path: str | Path, check_images: bool = True) -> Iterator[Sample
 def load_samples(path: str | Path, check_images: bool = True) -> list[Sample]:
     """Load and validate every row of a data file; the first bad row raises `DataError`."""
     return list(iter_samples(path, check_images))
-

@@ -212,7 +212,9 @@ class StreamParser:
         if self._outside_text:
             errors.append("text outside the <observe>, <think> and <answer> blocks")
         if not errors:
-            expected = "observe, think, answer" + (" (or observe nested in think)" if self.nested_observe else "")
+            expected = "observe, think, answer" + (
+                " (or observe nested in think)" if self.nested_observe else ""
+            )
             errors.append(f"blocks out of order: expected {expected}, got {' '.join(tags)}")
         return False, errors
 

@@ -65,10 +65,9 @@ def _check_folder(path: Path) -> None:
 
 
 def _processor_class(path: Path) -> type:
+    import transformers
     from transformers import AutoConfig
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
-    import transformers
 
     model_type = AutoConfig.from_pretrained(path).model_type
     name = PROCESSOR_MAPPING_NAMES.get(model_type)

@@ -149,7 +149,11 @@ def build_config(size: ModelSize, tokenizer):
             num_attention_heads=size.heads,
             num_key_value_heads=size.kv_heads,
             max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "mrope_section": list(size.mrope_section), "rope_theta": 1e6},
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": list(size.mrope_section),
+                "rope_theta": 1e6,
+            },
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],

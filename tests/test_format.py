@@ -37,7 +37,10 @@ def test_format_response_round_trips():
     [
         ("<think>t</think><answer>a</answer>", "expected one <observe>, found 0"),
         ("<observe>o</observe><think>t</think>", "expected one <answer>, found 0"),
-        ("<observe>o</observe><think>t</think><think>u</think><answer>a</answer>", "expected one <think>, found 2"),
+        (
+            "<observe>o</observe><think>t</think><think>u</think><answer>a</answer>",
+            "expected one <think>, found 2",
+        ),
         ("<observe></observe><think>t</think><answer>a</answer>", "empty <observe> block"),
         ("<observe>o</observe><think> \n </think><answer>a</answer>", "empty <think> block"),
         ("<observe>o</observe><think>t</think><answer></answer>", "empty <answer> block"),
@@ -64,7 +67,9 @@ def test_tags_are_case_sensitive_and_exact():
     assert r.answer == "<Observe>o</Observe>\na"
 
 
-NESTED = "<think>First I look. <observe>Two bars, A taller.</observe> So A is tallest.</think><answer>A</answer>"
+NESTED = (
+    "<think>First I look. <observe>Two bars, A taller.</observe> So A is tallest.</think><answer>A</answer>"
+)
 
 
 def test_nested_observe_is_accepted_only_in_lenient_mode():
@@ -103,7 +108,10 @@ def test_stream_holds_back_a_partial_tag():
     p = StreamParser()
     assert [(d.field, d.text) for d in p.feed("<observe>red</obs")] == [("observation", "red")]
     assert p.feed("erve><th") == []
-    assert [(d.field, d.text) for d in p.feed("ink>so 3</think><answer>3")] == [("reasoning", "so 3"), ("answer", "3")]
+    assert [(d.field, d.text) for d in p.feed("ink>so 3</think><answer>3")] == [
+        ("reasoning", "so 3"),
+        ("answer", "3"),
+    ]
     p.feed("</answer>")
     p.finish()
     assert p.result.format_ok
@@ -131,8 +139,12 @@ def test_feed_after_finish_is_an_error():
 
 
 # Independent oracle: the authors' format regexes, with "exactly one of each tag" and "non-empty".
-_STRICT_RE = re.compile(r"\s*<observe>(.*?)</observe>\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
-_NESTED_RE = re.compile(r"\s*<think>(.*?)<observe>(.*?)</observe>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
+_STRICT_RE = re.compile(
+    r"\s*<observe>(.*?)</observe>\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S
+)
+_NESTED_RE = re.compile(
+    r"\s*<think>(.*?)<observe>(.*?)</observe>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S
+)
 
 
 def _oracle(text: str, nested: bool) -> bool:
@@ -146,18 +158,44 @@ def _oracle(text: str, nested: bool) -> bool:
 
 
 _pieces = st.sampled_from(
-    [*ALL_TAGS, "<", ">", "/", "<th", "</ans", "<obs", "</", "<thing>", " ", "\n", "  ", "a", "42", "é", "x y", "<<"]
+    [
+        *ALL_TAGS,
+        "<",
+        ">",
+        "/",
+        "<th",
+        "</ans",
+        "<obs",
+        "</",
+        "<thing>",
+        " ",
+        "\n",
+        "  ",
+        "a",
+        "42",
+        "é",
+        "x y",
+        "<<",
+    ]
 )
 _soup = st.lists(_pieces, max_size=40).map("".join)
 _words = st.text(alphabet=st.sampled_from("ab 1\n<>é"), max_size=12)
 _well_formed = st.builds(
-    lambda ws, o, t, a: ws[0] + f"<observe>{o}</observe>{ws[1]}<think>{t}</think>{ws[2]}<answer>{a}</answer>" + ws[3],
+    lambda ws, o, t, a: (
+        ws[0] + f"<observe>{o}</observe>{ws[1]}<think>{t}</think>{ws[2]}<answer>{a}</answer>" + ws[3]
+    ),
     st.lists(st.sampled_from(["", " ", "\n", "\n\n"]), min_size=4, max_size=4),
     _words,
     _words,
     _words,
 )
-_nested = st.builds(lambda a, b, c, d: f"<think>{a}<observe>{b}</observe>{c}</think><answer>{d}</answer>", _words, _words, _words, _words)
+_nested = st.builds(
+    lambda a, b, c, d: f"<think>{a}<observe>{b}</observe>{c}</think><answer>{d}</answer>",
+    _words,
+    _words,
+    _words,
+    _words,
+)
 _texts = st.one_of(_soup, _well_formed, _nested)
 
 
@@ -172,7 +210,9 @@ def _stream(text: str, cuts: list[int], nested: bool):
 
 
 @settings(max_examples=600, deadline=None)
-@given(text=_texts, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12), nested=st.booleans())
+@given(
+    text=_texts, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12), nested=st.booleans()
+)
 def test_any_stream_split_ends_in_the_result_of_parse(text, cuts, nested):
     deltas, result = _stream(text, cuts, nested)
     expected = parse(text, nested_observe=nested)

@@ -62,7 +62,9 @@ def test_tokenizer_holds_qwen_special_tokens_matching_the_config(tiny_model_dir)
 
 def test_chat_template_is_qwen2_vl_style(tiny_model_dir):
     processor = load_processor(tiny_model_dir)
-    prompt = processor.apply_chat_template(build_messages("How many?", 2), add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(
+        build_messages("How many?", 2), add_generation_prompt=True, tokenize=False
+    )
     assert prompt.startswith("<|im_start|>system\nYou are a careful visual reasoning assistant.")
     assert prompt.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
     assert prompt.endswith("How many?<|im_end|>\n<|im_start|>assistant\n")
@@ -110,7 +112,9 @@ def test_without_torchvision_the_stock_processor_class_runs_without_video(tiny_m
     assert isinstance(processor, Qwen2_5_VLProcessor)
     assert not hasattr(processor, "video_processor")
     with pytest.raises(ValueError, match="torchvision"):
-        processor(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[np.zeros((2, 56, 56, 3), np.uint8)])
+        processor(
+            text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[np.zeros((2, 56, 56, 3), np.uint8)]
+        )
 
 
 def test_processor_expands_each_image_into_its_patch_tokens(tiny_model_dir):
@@ -142,7 +146,9 @@ def test_generation_is_seeded_and_stops_within_the_budget(tiny_model_dir):
     assert first == again
     assert 1 <= first.completion_tokens <= 12
     greedy = generate(model, processor, messages, [_image()], max_new_tokens=12, temperature=0)
-    assert greedy == generate(model, processor, messages, [_image()], max_new_tokens=12, temperature=0, seed=99)
+    assert greedy == generate(
+        model, processor, messages, [_image()], max_new_tokens=12, temperature=0, seed=99
+    )
 
 
 def _to_legacy_layout(src: Path, dst: Path) -> None:
@@ -161,9 +167,12 @@ def _to_legacy_layout(src: Path, dst: Path) -> None:
     (dst / "config.json").write_text(json.dumps(config))
     weights = load_file(dst / "model.safetensors")
     renamed = {
-        k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v for k, v in weights.items()
+        k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+        for k, v in weights.items()
     }
-    assert any(k.startswith("visual.") for k in renamed) and any(k.startswith("model.layers.") for k in renamed)
+    assert any(k.startswith("visual.") for k in renamed) and any(
+        k.startswith("model.layers.") for k in renamed
+    )
     save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
     pre = json.loads((dst / "preprocessor_config.json").read_text())
     size = pre.pop("size")
@@ -195,3 +204,18 @@ def test_loading_a_missing_or_foreign_folder_names_the_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_processor(tmp_path / "empty")
+
+
+@pytest.mark.skipif(not torchvision_available(), reason="needs torchvision (GPU machines have it)")
+def test_with_torchvision_the_stock_processor_is_used_and_matches_the_fallback(tiny_model_dir):
+    from observe_r1.modeling import _image_only_class
+
+    stock = load_processor(tiny_model_dir)
+    assert type(stock) is Qwen2_5_VLProcessor and hasattr(stock, "video_processor")
+    fallback = _image_only_class(Qwen2_5_VLProcessor).from_pretrained(tiny_model_dir)
+    prompt = stock.apply_chat_template(build_messages("Q", 1), add_generation_prompt=True, tokenize=False)
+    a = stock(text=[prompt], images=[_image()], return_tensors="pt")
+    b = fallback(text=[prompt], images=[_image()], return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+    torch.testing.assert_close(a["pixel_values"], b["pixel_values"], atol=0.05, rtol=0)
