@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP_ENV := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
-EXTRAS ?= dev
+EXTRAS ?= serve,dev
 DEMO_DIR ?= runs/demo
 
 .PHONY: setup demo test lint bench clean

@@ -82,6 +82,14 @@ def _chat(args: argparse.Namespace) -> None:
         print(f"{key:>18}: {value!r}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from serve.cli import run
+
+    code = run(args)
+    if code:
+        sys.exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="observe-r1", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nested-observe", action="store_true", help="also accept <observe> nested in <think>")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_chat)
+
+    from serve.cli import add_server_arguments
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server with parsed fields")
+    add_server_arguments(p)
+    p.set_defaults(func=_serve)
     return parser
 
 

@@ -57,7 +57,7 @@ def _image_only_class(processor_cls: type) -> type:
     return type(f"{processor_cls.__name__}ImageOnly", (processor_cls,), namespace)
 
 
-def _check_folder(path: Path) -> None:
+def check_model_folder(path: Path) -> None:
     if not path.is_dir():
         raise ModelLoadError(f"model folder not found: {path}")
     if not (path / "config.json").is_file():
@@ -84,7 +84,7 @@ def load_processor(path: str | os.PathLike, **image_kwargs: Any):
     from transformers import AutoProcessor
 
     path = Path(path)
-    _check_folder(path)
+    check_model_folder(path)
     if torchvision_available():
         return AutoProcessor.from_pretrained(path, **image_kwargs)
     return _image_only_class(_processor_class(path)).from_pretrained(path, **image_kwargs)
@@ -106,7 +106,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "fp32", devic
     from transformers import AutoModelForImageTextToText
 
     path = Path(path)
-    _check_folder(path)
+    check_model_folder(path)
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as e:

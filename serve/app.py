@@ -1,0 +1,233 @@
+"""The HTTP layer: FastAPI routes, OpenAI-style errors, API-key auth, the body-size limit, and model
+loading in the background so that `/health` answers at once and `/ready` turns 200 once loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.config import RequestError, ServerConfig
+from serve.engine import Engine
+from serve.metrics import Metrics
+from serve.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from serve.serving import ChatService
+
+log = logging.getLogger("observe_r1.serve")
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def error_response(err: RequestError) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code))
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return JSONResponse(body.model_dump(), status_code=err.status, headers=headers)
+
+
+def _validation_error(exc: RequestValidationError) -> RequestError:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return RequestError(f"malformed JSON body: {first.get('msg')}", code="invalid_json")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(p if not p.isdigit() else f"[{p}]" for p in loc).replace(".[", "[") or None
+    return RequestError(f"{param or 'body'}: {first.get('msg')}", param=param)
+
+
+class Gate:
+    """Pure ASGI middleware in front of every route: the body-size limit (by header, and while the
+    body is read, without buffering past the limit), API-key auth on `/v1/*`, and the request counter
+    by status. Pure ASGI keeps streaming responses and client disconnects untouched."""
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics):
+        self.app = app
+        self.config = config
+        self.metrics = metrics
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.encode(), self.config.api_key.encode()
+        )
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        counted = path == CHAT_PATH
+
+        async def counting_send(message):
+            if counted and message["type"] == "http.response.start":
+                self.metrics.requests.labels(status=str(message["status"])).inc()
+            await send(message)
+
+        headers = dict(scope["headers"])
+        limit = self.config.max_body_bytes
+        too_large = error_response(
+            RequestError(f"request body exceeds {limit} bytes", status=413, code="body_too_large")
+        )
+        if self.config.api_key and path.startswith("/v1/") and not self._authorized(headers):
+            denied = RequestError(
+                "missing or invalid API key", status=401, code="invalid_api_key", type_="authentication_error"
+            )
+            return await error_response(denied)(scope, receive, counting_send)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await too_large(scope, receive, counting_send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, counting_send)
+        except _BodyTooLarge:
+            await too_large(scope, receive, counting_send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(
+    config: ServerConfig,
+    engine_factory: Callable[[ServerConfig], Engine],
+    on_load_failure: Callable[[], None] | None = None,
+) -> FastAPI:
+    metrics = Metrics()
+    state: dict = {"engine": None, "service": None, "load_error": None}
+
+    async def load() -> None:
+        try:
+            engine = await asyncio.to_thread(engine_factory, config)
+        except Exception as e:  # reported on /ready, in the log, and to `on_load_failure`
+            log.exception("loading the model from %s failed", config.model)
+            state["load_error"] = f"{type(e).__name__}: {e}"
+            if on_load_failure is not None:
+                on_load_failure()
+            return
+        state["engine"] = engine
+        state["service"] = ChatService(config, engine, metrics)
+        log.info("model %s ready (%s engine)", config.model_name, engine.name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(load())
+        yield
+        await task
+        if state["engine"] is not None:
+            await state["engine"].shutdown()
+
+    app = FastAPI(title="Observe-R1 chat completions", version="0.1.0", lifespan=lifespan)
+    app.state.server = state
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(RequestError(str(exc.detail), status=exc.status_code, code=code))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(RequestError("internal server error", status=500, type_="server_error"))
+
+    app.add_middleware(Gate, config=config, metrics=metrics)
+
+    def service() -> ChatService:
+        if state["service"] is None:
+            detail = state["load_error"] or "the model is still loading"
+            raise RequestError(
+                detail, status=503, code="model_not_ready", type_="server_error", retry_after=5
+            )
+        return state["service"]
+
+    @app.get("/health", summary="Liveness: the process answers")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Readiness: the model is loaded", responses={503: {"model": ErrorResponse}})
+    async def ready():
+        service()
+        return {"status": "ready", "model": config.model_name, "engine": state["engine"].name}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus():
+        engine = state["engine"]
+        return Response(
+            metrics.render(engine.stats if engine else None), media_type="text/plain; version=0.0.4"
+        )
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        return ModelList(data=[ModelCard(id=config.model_name)])
+
+    @app.post(
+        CHAT_PATH,
+        response_model=ChatCompletionResponse,
+        response_model_exclude_none=True,
+        responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)},
+    )
+    async def chat_completions(body: ChatCompletionRequest):
+        arrival = time.monotonic()
+        svc = service()
+        engine_request, stream = await svc.start(body)
+        if body.stream:
+            return StreamingResponse(
+                svc.stream_sse(body, engine_request, stream, arrival),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await svc.complete(body, engine_request, stream, arrival)
+
+    return app
+
+
+def build_engine(config: ServerConfig) -> Engine:
+    """The engine `config.engine` names; "auto" picks vLLM where it is installed and a GPU is present."""
+    name = config.engine
+    if name == "auto":
+        name = "vllm" if _vllm_usable() else "transformers"
+    if name == "vllm":
+        from serve.vllm_engine import VLLMEngine
+
+        return VLLMEngine(config)
+    if name == "transformers":
+        from serve.transformers_engine import TransformersEngine
+
+        return TransformersEngine(config)
+    raise ValueError(f"unknown engine '{config.engine}' (use auto, vllm or transformers)")
+
+
+def _vllm_usable() -> bool:
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()

@@ -1,0 +1,74 @@
+"""`observe-r1 serve`: every `ServerConfig` field is a command-line option of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import typing
+from pathlib import Path
+
+from serve.config import ServerConfig, read_api_key
+
+API_KEY_ENV = "OBSERVE_R1_API_KEY"
+_SECRET_FIELDS = {"api_key"}  # never on the command line, where `ps` shows it
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(ServerConfig)
+    for f in dataclasses.fields(ServerConfig):
+        if f.name in _SECRET_FIELDS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if f.name == "model":
+            parser.add_argument(flag, type=Path, required=True, help="a Hugging Face model folder")
+        elif kind is bool:
+            parser.add_argument(flag, action="store_true", default=f.default)
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            choices = ("auto", "transformers", "vllm") if f.name == "engine" else None
+            parser.add_argument(
+                flag, type=base, default=f.default, choices=choices, help=f"default: {f.default}"
+            )
+    parser.add_argument("--api-key-file", type=Path, help=f"file holding the API key (or set ${API_KEY_ENV})")
+    parser.add_argument("--log-level", default="info")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(ServerConfig)
+        if f.name not in _SECRET_FIELDS
+    }
+    return ServerConfig(**values, api_key=read_api_key(os.environ.get(API_KEY_ENV), args.api_key_file))
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from observe_r1.modeling import ModelLoadError, check_model_folder
+    from serve.app import build_engine, create_app
+
+    config = config_from_args(args)
+    try:
+        check_model_folder(config.model)
+    except ModelLoadError as e:
+        print(f"observe-r1 serve: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # A model that fails to load ends the process (exit 1), so an orchestrator restarts it.
+    app = create_app(config, build_engine, on_load_failure=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(config.shutdown_timeout_s),
+    )
+    return 1 if app.state.server["load_error"] else 0

@@ -1,0 +1,70 @@
+"""Server settings (every limit is a named option) and the error type the app turns into OpenAI errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServerConfig:
+    model: Path
+    engine: str = "auto"  # "auto": vLLM where installed and a GPU is present, else transformers
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    system_prompt: str | None = None  # None: observe_r1.format.SYSTEM_PROMPT; "": no system prompt
+    nested_observe: bool = False
+    dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
+    # Limits on what one request may ask for.
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_images_per_request: int = 8
+    max_image_pixels: int = 4096 * 4096
+    max_prompt_tokens: int = 16384
+    max_completion_tokens: int = 4096
+    default_max_tokens: int = 1024
+    max_n: int = 8
+    allow_local_images: bool = False
+    image_fetch_timeout_s: float = 10.0
+    # Scheduling: how many sequences share one generate call, and how many requests may wait.
+    max_batch_size: int = 32
+    max_waiting: int = 256
+    batch_wait_ms: float = 5.0
+    retry_after_s: int = 1
+    shutdown_timeout_s: float = 30.0
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.name
+
+
+class RequestError(Exception):
+    """A client error, sent as an OpenAI error object with `status` and the offending `param`."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+        retry_after: int | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.code = code
+        self.type = type_
+        self.retry_after = retry_after
+
+
+def read_api_key(env_value: str | None, key_file: Path | None) -> str | None:
+    """The API key from a file (first line, stripped) or an environment variable; the file wins."""
+    if key_file is not None:
+        key = key_file.read_text().strip()
+        if not key:
+            raise ValueError(f"API key file {key_file} is empty")
+        return key
+    return env_value or None

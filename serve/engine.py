@@ -1,0 +1,152 @@
+"""The one interface both serving engines (transformers, vLLM) implement, and the text helpers they share.
+
+The app hands an engine a rendered prompt, its images and the sampling options; the engine streams
+back, per choice, new text and finally a finish reason. Parsing into observation/reasoning/answer
+happens above the engine, so both engines split answers identically.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt: str
+    images: list[Image.Image]
+    sampling: SamplingOptions
+    prompt_tokens: int = 0  # set by `Engine.prepare`
+    inputs: Any = None  # the engine's own form of the prompt, set by `Engine.prepare`
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """New text for choice `index`; `finish_reason` is set on the last delta of that choice."""
+
+    index: int
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+class QueueFullError(Exception):
+    """The engine's waiting queue is at its bound; the client should retry later."""
+
+
+class PromptTooLongError(Exception):
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(f"the prompt has {tokens} tokens, more than the limit of {limit}")
+        self.tokens = tokens
+        self.limit = limit
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+
+
+class Engine(abc.ABC):
+    """A loaded model that turns prompts into streamed choices."""
+
+    name: str
+    stats: EngineStats
+
+    @abc.abstractmethod
+    async def prepare(self, request: EngineRequest, max_prompt_tokens: int) -> None:
+        """Tokenise the prompt (with its images), set `request.prompt_tokens`; raise
+        `PromptTooLongError` past the limit. Runs before the request takes a place in the queue."""
+
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+        """Queue a prepared request and return the stream of its choices; raise `QueueFullError` at
+        once when it cannot be queued. Closing the stream early (a client that went away) cancels the
+        request and frees its slot."""
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` in the served model's tokenizer (for the usage details)."""
+
+    @abc.abstractmethod
+    def render_prompt(self, messages: list[dict]) -> str:
+        """The model's chat template applied to `messages`, ending with the assistant turn's opening."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Finish or cancel in-flight work and release resources."""
+
+
+class IncrementalDetokenizer:
+    """Turns token ids into text one token at a time, holding back incomplete UTF-8 sequences.
+
+    Decoding a window that starts a few tokens back (`prefix`) keeps byte-level BPE merges and
+    leading-space rules right, as vLLM and transformers' streamers do.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished UTF-8 sequence at the very end)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
+
+
+@dataclass
+class StopMatcher:
+    """Applies OpenAI `stop` strings to streamed text: text is released only once it cannot be the
+    start of a stop string, and generation ends before the first stop string (which is not returned)."""
+
+    stops: tuple[str, ...]
+    _held: str = ""
+    stopped: bool = field(default=False, init=False)
+
+    def push(self, text: str) -> str:
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return buf[: min(hits)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.stopped else held

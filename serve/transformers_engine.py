@@ -1,0 +1,308 @@
+"""The transformers engine: concurrent requests share batched `generate` calls.
+
+Requests wait in a bounded queue; a worker thread takes as many as fit in `max_batch_size` sequences
+(waiting `batch_wait_ms` for stragglers), left-pads them into one batch and runs one `generate`.
+Two hooks make one shared call behave like separate requests:
+- `_RowSampler` (a logits processor) samples each row with its own temperature, top-p and seeded
+  generator, so a request's output does not depend on its batch neighbours' settings;
+- `_RowMonitor` (a stopping criterion) sees each new token, streams it to its request, applies
+  stop strings and per-request `max_tokens`, and ends rows whose client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from observe_r1.modeling import load_model, load_processor
+from serve.config import ServerConfig
+from serve.engine import (
+    ChoiceDelta,
+    Engine,
+    EngineRequest,
+    EngineStats,
+    IncrementalDetokenizer,
+    PromptTooLongError,
+    QueueFullError,
+    StopMatcher,
+)
+
+log = logging.getLogger("observe_r1.serve")
+
+_PADDED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+@dataclass
+class _Job:
+    request: EngineRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    def put(self, item: ChoiceDelta | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass
+class _Row:
+    job: _Job
+    index: int
+    detokenizer: IncrementalDetokenizer
+    stopper: StopMatcher
+    generator: torch.Generator
+    tokens: int = 0
+    finished: bool = False
+
+    def finish(self, text: str, reason: str) -> None:
+        self.finished = True
+        self.job.put(ChoiceDelta(self.index, text, self.tokens, reason))
+
+
+class _RowSampler(LogitsProcessor):
+    """Chooses every row's next token itself and returns logits that make greedy decoding pick it."""
+
+    def __init__(self, rows: list[_Row], pad_id: int):
+        self.rows = rows
+        self.pad_id = pad_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        chosen = torch.full((len(self.rows),), self.pad_id, dtype=torch.long)
+        for r, row in enumerate(self.rows):
+            if row.finished:
+                continue
+            sampling = row.job.request.sampling
+            logits = scores[r].float()
+            if sampling.temperature == 0:
+                chosen[r] = int(logits.argmax())
+                continue
+            probs = torch.softmax(logits / sampling.temperature, dim=-1)
+            if sampling.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
+                sorted_probs[outside] = 0.0
+                chosen[r] = order[torch.multinomial(sorted_probs, 1, generator=row.generator)]
+            else:
+                chosen[r] = torch.multinomial(probs, 1, generator=row.generator)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(self.rows)), chosen.to(scores.device)] = 0.0
+        return out
+
+
+class _RowMonitor(StoppingCriteria):
+    def __init__(self, rows: list[_Row], eos_ids: set[int]):
+        self.rows = rows
+        self.eos_ids = eos_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        last = input_ids[:, -1].tolist()
+        for row, token in zip(self.rows, last, strict=True):
+            if row.finished:
+                continue
+            if row.job.cancelled:
+                row.finished = True
+                continue
+            row.tokens += 1
+            if token in self.eos_ids:
+                row.finish(row.stopper.push(row.detokenizer.flush()) + row.stopper.flush(), "stop")
+                continue
+            text = row.stopper.push(row.detokenizer.push(token))
+            if row.stopper.stopped:
+                row.finish(text, "stop")
+            elif row.tokens >= row.job.request.sampling.max_tokens:
+                row.finish(text + row.stopper.push(row.detokenizer.flush()) + row.stopper.flush(), "length")
+            elif text:
+                row.job.put(ChoiceDelta(row.index, text, row.tokens))
+        return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
+
+
+def _collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad the token tensors of several processed prompts into one batch; stack the rest
+    (pixel patches, image grids) in row order, as Qwen2.5-VL expects for a batch."""
+    width = max(item["input_ids"].shape[1] for item in items)
+    batch: dict[str, torch.Tensor] = {}
+    for key in items[0]:
+        if key in _PADDED_KEYS:
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.cat(
+                [
+                    torch.nn.functional.pad(item[key], (width - item[key].shape[1], 0), value=fill)
+                    for item in items
+                ]
+            )
+    for key in {k for item in items for k in item} - set(_PADDED_KEYS):
+        parts = [item[key] for item in items if key in item]
+        batch[key] = torch.cat(parts)
+    return batch
+
+
+class TransformersEngine(Engine):
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.name = "transformers"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = config.dtype if config.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+        self.model = load_model(config.model, dtype=dtype, device=device)
+        self.processor = load_processor(config.model)
+        self.tokenizer = self.processor.tokenizer
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [self.tokenizer.eos_token_id])
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        )
+        self.stats = EngineStats()
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._worker = threading.Thread(target=self._loop, name="generate-worker", daemon=True)
+        self._worker.start()
+
+    def render_prompt(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    def _process(self, request: EngineRequest) -> dict:
+        features = self.processor(text=[request.prompt], images=request.images or None, return_tensors="pt")
+        return dict(features)
+
+    async def prepare(self, request: EngineRequest, max_prompt_tokens: int) -> None:
+        inputs = await asyncio.to_thread(self._process, request)
+        request.prompt_tokens = int(inputs["input_ids"].shape[1])
+        if request.prompt_tokens > max_prompt_tokens:
+            raise PromptTooLongError(request.prompt_tokens, max_prompt_tokens)
+        request.inputs = inputs
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+        if request.inputs is None:
+            raise RuntimeError("generate() before prepare()")
+        job = _Job(request, asyncio.get_running_loop())
+        with self._cv:
+            if self._stopping:
+                raise QueueFullError("the server is shutting down")
+            if len(self._waiting) >= self.config.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(job)
+            self.stats.waiting = len(self._waiting)
+            self._cv.notify()
+        return self._stream(job)
+
+    async def _stream(self, job: _Job) -> AsyncIterator[ChoiceDelta]:
+        remaining = job.request.sampling.n
+        try:
+            while remaining:
+                item = await job.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            job.cancelled = True
+            with self._cv:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                    self.stats.waiting = len(self._waiting)
+
+    def _take_batch(self) -> list[_Job] | None:
+        """Block until work arrives, then take the jobs that fit in one batch (at least one)."""
+        limit = self.config.max_batch_size
+        with self._cv:
+            while not self._waiting and not self._stopping:
+                self._cv.wait()
+            if not self._waiting:
+                return None
+            deadline = time.monotonic() + self.config.batch_wait_ms / 1000
+            while sum(j.request.sampling.n for j in self._waiting) < limit and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(timeout=left)
+            batch: list[_Job] = []
+            rows = 0
+            while self._waiting and (not batch or rows + self._waiting[0].request.sampling.n <= limit):
+                job = self._waiting.popleft()
+                if not job.cancelled:
+                    batch.append(job)
+                    rows += job.request.sampling.n
+            self.stats.waiting = len(self._waiting)
+            self.stats.running += len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            try:
+                if batch:
+                    self._run(batch)
+            except Exception as e:  # a failed batch fails its requests, never the worker
+                log.exception("generate failed for a batch of %d requests", len(batch))
+                for job in batch:
+                    job.put(e)
+            finally:
+                with self._cv:
+                    self.stats.running -= len(batch)
+
+    def _rows(self, batch: list[_Job]) -> list[_Row]:
+        rows = []
+        for job in batch:
+            sampling = job.request.sampling
+            for index in range(sampling.n):
+                generator = torch.Generator()
+                seed = (
+                    sampling.seed + index
+                    if sampling.seed is not None
+                    else int.from_bytes(os.urandom(8), "little")
+                )
+                generator.manual_seed(seed)
+                rows.append(
+                    _Row(
+                        job,
+                        index,
+                        IncrementalDetokenizer(self.tokenizer),
+                        StopMatcher(sampling.stop),
+                        generator,
+                    )
+                )
+        return rows
+
+    @torch.inference_mode()
+    def _run(self, batch: list[_Job]) -> None:
+        rows = self._rows(batch)
+        inputs = _collate([row.job.request.inputs for row in rows], self.pad_id)
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=max(row.job.request.sampling.max_tokens for row in rows),
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+        )
+        self.model.generate(
+            **inputs,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([_RowSampler(rows, self.pad_id)]),
+            stopping_criteria=StoppingCriteriaList([_RowMonitor(rows, self.eos_ids)]),
+        )
+        for row in rows:
+            if not row.finished and not row.job.cancelled:
+                row.finish(row.stopper.push(row.detokenizer.flush()) + row.stopper.flush(), "length")
+
+    async def shutdown(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        await asyncio.to_thread(self._worker.join, self.config.shutdown_timeout_s)
