@@ -44,6 +44,8 @@ def _validation_error(exc: RequestValidationError) -> RequestError:
     if first.get("type") == "json_invalid":
         return RequestError(f"malformed JSON body: {first.get('msg')}", code="invalid_json")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if not loc:
+        return RequestError("the request body must be a JSON object", code="invalid_json")
     param = ".".join(p if not p.isdigit() else f"[{p}]" for p in loc).replace(".[", "[") or None
     return RequestError(f"{param or 'body'}: {first.get('msg')}", param=param)
 

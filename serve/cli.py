@@ -27,7 +27,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "model":
             parser.add_argument(flag, type=Path, required=True, help="a Hugging Face model folder")
         elif kind is bool:
-            parser.add_argument(flag, action="store_true", default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             choices = ("auto", "transformers", "vllm") if f.name == "engine" else None

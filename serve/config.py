@@ -26,6 +26,7 @@ class ServerConfig:
     default_max_tokens: int = 1024
     max_n: int = 8
     allow_local_images: bool = False
+    allow_remote_images: bool = True  # http(s) image URLs; off where the server must not fetch (SSRF)
     image_fetch_timeout_s: float = 10.0
     # Scheduling: how many sequences share one generate call, and how many requests may wait.
     max_batch_size: int = 32

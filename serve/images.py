@@ -86,6 +86,8 @@ async def load_image(url: str, param: str, config: ServerConfig) -> Image.Image:
     if url.startswith("data:"):
         data = _from_data_url(url, param)
     elif url.startswith(("http://", "https://")):
+        if not config.allow_remote_images:
+            raise RequestError("image URLs are disabled on this server; send a data: URL", param=param)
         data = await _download(url, param, config)
     elif url.startswith("file://") or url.startswith("/"):
         data = _from_local(url, param, config)

@@ -33,3 +33,81 @@ def synth_dir(tmp_path_factory) -> Path:
     from observe_r1.synth import generate
 
     return generate(tmp_path_factory.mktemp("data") / "synth", n=40, seed=0, progress=False).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`observe-r1 serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, model_dir: Path, *args: str, env: dict | None = None, log_dir: Path):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"server-{self.port}.log"
+        command = [*CLI, "serve", "--model", str(model_dir), "--port", str(self.port)]
+        command += ["--served-model-name", "tiny", *args]
+        self.proc = subprocess.Popen(
+            command,
+            stdout=self.log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_ready(self, timeout: float = 120) -> "Server":
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server(tiny_model_dir, tmp_path):
+    """Start servers on the tiny model with extra options; all are stopped at the end of the test."""
+    servers = []
+
+    def start(*args: str, env: dict | None = None, model: Path | None = None, ready: bool = True) -> Server:
+        server = Server(model or tiny_model_dir, *args, env=env, log_dir=tmp_path)
+        servers.append(server)
+        return server.wait_ready() if ready else server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, tmp_path_factory):
+    """One shared server with default settings, for tests that do not change them."""
+    s = Server(tiny_model_dir, log_dir=tmp_path_factory.mktemp("server")).wait_ready()
+    yield s
+    s.stop()

@@ -1,0 +1,190 @@
+"""The server through the real `openai` client over HTTP, on the tiny model: plain, streaming, images,
+n > 1, stop strings, auth, metrics."""
+
+import base64
+import http.server
+import io
+import threading
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from observe_r1.format import parse
+
+
+def data_url(size=(64, 48), color=(200, 30, 30), fmt="PNG") -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def image_message(url: str, text: str = "How many shapes?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+
+
+def client(server, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs)
+
+
+def extra(obj, name):
+    return (obj.model_extra or {}).get(name)
+
+
+def test_models_lists_the_served_model(server):
+    assert [m.id for m in client(server).models.list()] == ["tiny"]
+
+
+def test_a_chat_turn_with_an_image_returns_the_parsed_fields(server):
+    r = client(server).chat.completions.create(
+        model="tiny", messages=image_message(data_url()), max_tokens=24, seed=7, extra_body={"return_raw_text": True}
+    )
+    choice = r.choices[0]
+    raw = extra(choice.message, "raw")
+    parsed = parse(raw)
+    assert choice.message.content == parsed.answer
+    assert extra(choice.message, "reasoning") == parsed.reasoning == extra(choice.message, "reasoning_content")
+    assert extra(choice.message, "observation") == parsed.observation
+    assert extra(choice, "format_ok") is parsed.format_ok
+    assert extra(choice, "format_errors") == list(parsed.errors)
+    assert choice.finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 24
+    assert r.usage.prompt_tokens > 64  # the image expands into its patch tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    details = r.usage.completion_tokens_details
+    assert details.reasoning_tokens >= 0 and (details.model_extra or {}).get("observation_tokens") is not None
+
+
+def test_the_same_seed_gives_the_same_answer_and_the_stream_matches_it(server):
+    c = client(server)
+    kwargs = dict(model="tiny", messages=image_message(data_url()), max_tokens=32, seed=11, extra_body={"return_raw_text": True})
+    whole = c.chat.completions.create(**kwargs)
+    assert c.chat.completions.create(**kwargs).choices[0].message.content == whole.choices[0].message.content
+
+    fields = {"content": "", "reasoning": "", "reasoning_content": "", "observation": "", "raw": ""}
+    finish = None
+    chunks = list(c.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    for chunk in chunks:
+        for choice in chunk.choices:
+            delta = choice.delta
+            fields["content"] += delta.content or ""
+            for name in ("reasoning", "reasoning_content", "observation", "raw"):
+                fields[name] += extra(delta, name) or ""
+            if choice.finish_reason:
+                finish = choice
+    message = whole.choices[0].message
+    assert fields["raw"] == extra(message, "raw")
+    assert fields["content"] == message.content
+    assert fields["reasoning"] == fields["reasoning_content"] == extra(message, "reasoning")
+    assert fields["observation"] == extra(message, "observation")
+    assert finish.finish_reason == whole.choices[0].finish_reason
+    assert extra(finish, "format_ok") is extra(whole.choices[0], "format_ok")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_choices_are_independent_samples(server):
+    r = client(server).chat.completions.create(
+        model="tiny", messages=image_message(data_url()), n=3, max_tokens=16, seed=3, temperature=1.0
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) > 1
+    assert 3 <= r.usage.completion_tokens <= 48
+
+
+def test_n_choices_stream_on_their_own_indices(server):
+    stream = client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=8, seed=1, stream=True
+    )
+    finished = [c.index for chunk in stream for c in chunk.choices if c.finish_reason]
+    assert sorted(finished) == [0, 1]
+
+
+def test_stop_strings_end_the_answer_before_them(server):
+    c = client(server)
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Count."}], max_tokens=40, temperature=0)
+    raw = extra(c.chat.completions.create(**kwargs, extra_body={"return_raw_text": True}).choices[0].message, "raw")
+    stop = raw[len(raw) // 2 : len(raw) // 2 + 3]
+    assert stop.strip(), raw
+    r = c.chat.completions.create(**kwargs, stop=[stop], extra_body={"return_raw_text": True})
+    assert extra(r.choices[0].message, "raw") == raw[: raw.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_max_completion_tokens_bounds_the_answer(server):
+    r = client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "go"}], max_completion_tokens=5, temperature=0
+    )
+    assert r.usage.completion_tokens <= 5
+
+
+def test_http_image_urls_are_fetched(server):
+    png = base64.b64decode(data_url().split(",", 1)[1])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = png if self.path == "/img.png" else b"nope"
+            self.send_response(200 if self.path == "/img.png" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        r = client(server).chat.completions.create(model="tiny", messages=image_message(f"{base}/img.png"), max_tokens=4)
+        assert r.usage.prompt_tokens > 10
+        with pytest.raises(openai.BadRequestError) as info:
+            client(server).chat.completions.create(model="tiny", messages=image_message(f"{base}/missing.png"), max_tokens=4)
+        assert info.value.body["param"] == "messages[0].content[0].image_url.url"
+    finally:
+        httpd.shutdown()
+
+
+def test_local_image_paths_need_the_explicit_flag(server, start_server, tmp_path):
+    path = tmp_path / "img.png"
+    Image.new("RGB", (40, 40)).save(path)
+    with pytest.raises(openai.BadRequestError, match="--allow-local-images"):
+        client(server).chat.completions.create(model="tiny", messages=image_message(str(path)), max_tokens=2)
+    allowed = start_server("--allow-local-images")
+    r = client(allowed).chat.completions.create(model="tiny", messages=image_message(f"file://{path}"), max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_api_key_is_required_when_configured(start_server, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    for s in (start_server(env={"OBSERVE_R1_API_KEY": "s3cret"}), start_server("--api-key-file", str(key_file))):
+        with pytest.raises(openai.AuthenticationError):
+            client(s, api_key="wrong").models.list()
+        with pytest.raises(openai.AuthenticationError):
+            client(s, api_key="wrong").chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+        assert httpx.post(f"{s.base_url}/v1/chat/completions", json={}).status_code == 401
+        r = client(s, api_key="s3cret").chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        assert r.choices
+        assert httpx.get(f"{s.base_url}/health").status_code == 200
+
+
+def test_metrics_count_requests_latency_tokens_and_format(server):
+    client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "m"}], max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        client(server).chat.completions.create(model="other", messages=[{"role": "user", "content": "m"}])
+    text = httpx.get(f"{server.base_url}/metrics").text
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")
+    }
+    assert values['observe_r1_requests_total{status="200"}'] >= 1
+    assert values['observe_r1_requests_total{status="404"}'] >= 1
+    assert values["observe_r1_time_to_first_token_seconds_count"] >= 1
+    assert values["observe_r1_e2e_request_latency_seconds_count"] >= 1
+    assert values["observe_r1_prompt_tokens_total"] > 0 and values["observe_r1_completion_tokens_total"] > 0
+    assert 0.0 <= values["observe_r1_format_followed_ratio"] <= 1.0
+    assert values["observe_r1_choices_total"] >= values["observe_r1_format_followed_total"]
+    assert "observe_r1_num_requests_waiting" in values and "observe_r1_num_requests_running" in values

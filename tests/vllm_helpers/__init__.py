@@ -1,0 +1,1 @@
+"""Helpers for the tests that run only where vLLM is installed (the `.venv-vllm` environment)."""
