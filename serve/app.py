@@ -39,15 +39,31 @@ def error_response(err: RequestError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=err.status, headers=headers)
 
 
+def _param_path(body, loc) -> str | None:
+    """The request parameter an error location points at, as `messages[0].content[1].image_url.url`.
+
+    Pydantic puts union-member labels (`str`, `list[...]`, discriminator tags) into locations; walking
+    the submitted body keeps only the parts that exist in it."""
+    path, node = "", body
+    for i, part in enumerate(loc):
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path, node = f"{path}[{part}]", node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and (part in node or i == len(loc) - 1):
+            # A key the body lacks can only be the missing field itself, at the end of the location.
+            path, node = f"{path}.{part}" if path else part, node.get(part)
+    return path or None
+
+
 def _validation_error(exc: RequestValidationError) -> RequestError:
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        return RequestError(f"malformed JSON body: {first.get('msg')}", code="invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if not loc:
+    errors = exc.errors()
+    if errors[0].get("type") == "json_invalid":
+        return RequestError(f"malformed JSON body: {errors[0].get('msg')}", code="invalid_json")
+    body = exc.body if isinstance(exc.body, dict) else None
+    if body is None:
         return RequestError("the request body must be a JSON object", code="invalid_json")
-    param = ".".join(p if not p.isdigit() else f"[{p}]" for p in loc).replace(".[", "[") or None
-    return RequestError(f"{param or 'body'}: {first.get('msg')}", param=param)
+    located = [(_param_path(body, [p for p in e.get("loc", ()) if p != "body"]), e) for e in errors]
+    param, error = max(located, key=lambda pe: len(pe[0] or ""))
+    return RequestError(f"{param or 'body'}: {error.get('msg')}", param=param)
 
 
 class Gate:
@@ -91,23 +107,29 @@ class Gate:
         if length.isdigit() and int(length) > limit:
             return await too_large(scope, receive, counting_send)
         seen = 0
+        exceeded = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _BodyTooLarge
+                # End the body here; whatever the app makes of the cut body is replaced by a 413.
+                exceeded = True
+                return {"type": "http.disconnect"}
             return message
 
+        async def guarded_send(message):
+            if not exceeded:
+                await counting_send(message)
+
         try:
-            await self.app(scope, limited_receive, counting_send)
-        except _BodyTooLarge:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded:
             await too_large(scope, receive, counting_send)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def create_app(

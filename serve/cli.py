@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import typing
 from pathlib import Path
@@ -63,12 +62,17 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # A model that fails to load ends the process (exit 1), so an orchestrator restarts it.
-    app = create_app(config, build_engine, on_load_failure=lambda: os.kill(os.getpid(), signal.SIGTERM))
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=int(config.shutdown_timeout_s),
+    servers: list[uvicorn.Server] = []
+    app = create_app(config, build_engine, on_load_failure=lambda: setattr(servers[0], "should_exit", True))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=int(config.shutdown_timeout_s),
+        )
     )
+    servers.append(server)
+    server.run()
     return 1 if app.state.server["load_error"] else 0

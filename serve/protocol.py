@@ -14,17 +14,23 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class ImageURL(BaseModel):
+class _Request(BaseModel):
+    """Request parts are validated strictly: "yes" is not a boolean and "2" is not a number."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class ImageURL(_Request):
     url: str
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class TextPart(BaseModel):
+class TextPart(_Request):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(BaseModel):
+class ImagePart(_Request):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -32,20 +38,20 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Request):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_Request):
     """The request body. Unknown OpenAI parameters (e.g. `user`, `logit_bias`) are accepted and ignored."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)

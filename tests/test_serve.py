@@ -21,11 +21,18 @@ def data_url(size=(64, 48), color=(200, 30, 30), fmt="PNG") -> str:
 
 
 def image_message(url: str, text: str = "How many shapes?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}],
+        }
+    ]
 
 
 def client(server, **kwargs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs)
+    return openai.OpenAI(
+        base_url=f"{server.base_url}/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs
+    )
 
 
 def extra(obj, name):
@@ -38,13 +45,19 @@ def test_models_lists_the_served_model(server):
 
 def test_a_chat_turn_with_an_image_returns_the_parsed_fields(server):
     r = client(server).chat.completions.create(
-        model="tiny", messages=image_message(data_url()), max_tokens=24, seed=7, extra_body={"return_raw_text": True}
+        model="tiny",
+        messages=image_message(data_url()),
+        max_tokens=24,
+        seed=7,
+        extra_body={"return_raw_text": True},
     )
     choice = r.choices[0]
     raw = extra(choice.message, "raw")
     parsed = parse(raw)
     assert choice.message.content == parsed.answer
-    assert extra(choice.message, "reasoning") == parsed.reasoning == extra(choice.message, "reasoning_content")
+    assert (
+        extra(choice.message, "reasoning") == parsed.reasoning == extra(choice.message, "reasoning_content")
+    )
     assert extra(choice.message, "observation") == parsed.observation
     assert extra(choice, "format_ok") is parsed.format_ok
     assert extra(choice, "format_errors") == list(parsed.errors)
@@ -58,7 +71,13 @@ def test_a_chat_turn_with_an_image_returns_the_parsed_fields(server):
 
 def test_the_same_seed_gives_the_same_answer_and_the_stream_matches_it(server):
     c = client(server)
-    kwargs = dict(model="tiny", messages=image_message(data_url()), max_tokens=32, seed=11, extra_body={"return_raw_text": True})
+    kwargs = dict(
+        model="tiny",
+        messages=image_message(data_url()),
+        max_tokens=32,
+        seed=11,
+        extra_body={"return_raw_text": True},
+    )
     whole = c.chat.completions.create(**kwargs)
     assert c.chat.completions.create(**kwargs).choices[0].message.content == whole.choices[0].message.content
 
@@ -103,8 +122,12 @@ def test_n_choices_stream_on_their_own_indices(server):
 
 def test_stop_strings_end_the_answer_before_them(server):
     c = client(server)
-    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Count."}], max_tokens=40, temperature=0)
-    raw = extra(c.chat.completions.create(**kwargs, extra_body={"return_raw_text": True}).choices[0].message, "raw")
+    kwargs = dict(
+        model="tiny", messages=[{"role": "user", "content": "Count."}], max_tokens=40, temperature=0
+    )
+    raw = extra(
+        c.chat.completions.create(**kwargs, extra_body={"return_raw_text": True}).choices[0].message, "raw"
+    )
     stop = raw[len(raw) // 2 : len(raw) // 2 + 3]
     assert stop.strip(), raw
     r = c.chat.completions.create(**kwargs, stop=[stop], extra_body={"return_raw_text": True})
@@ -137,10 +160,14 @@ def test_http_image_urls_are_fetched(server):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{httpd.server_address[1]}"
-        r = client(server).chat.completions.create(model="tiny", messages=image_message(f"{base}/img.png"), max_tokens=4)
+        r = client(server).chat.completions.create(
+            model="tiny", messages=image_message(f"{base}/img.png"), max_tokens=4
+        )
         assert r.usage.prompt_tokens > 10
         with pytest.raises(openai.BadRequestError) as info:
-            client(server).chat.completions.create(model="tiny", messages=image_message(f"{base}/missing.png"), max_tokens=4)
+            client(server).chat.completions.create(
+                model="tiny", messages=image_message(f"{base}/missing.png"), max_tokens=4
+            )
         assert info.value.body["param"] == "messages[0].content[0].image_url.url"
     finally:
         httpd.shutdown()
@@ -152,18 +179,25 @@ def test_local_image_paths_need_the_explicit_flag(server, start_server, tmp_path
     with pytest.raises(openai.BadRequestError, match="--allow-local-images"):
         client(server).chat.completions.create(model="tiny", messages=image_message(str(path)), max_tokens=2)
     allowed = start_server("--allow-local-images")
-    r = client(allowed).chat.completions.create(model="tiny", messages=image_message(f"file://{path}"), max_tokens=2)
+    r = client(allowed).chat.completions.create(
+        model="tiny", messages=image_message(f"file://{path}"), max_tokens=2
+    )
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_api_key_is_required_when_configured(start_server, tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("s3cret\n")
-    for s in (start_server(env={"OBSERVE_R1_API_KEY": "s3cret"}), start_server("--api-key-file", str(key_file))):
+    for s in (
+        start_server(env={"OBSERVE_R1_API_KEY": "s3cret"}),
+        start_server("--api-key-file", str(key_file)),
+    ):
         with pytest.raises(openai.AuthenticationError):
             client(s, api_key="wrong").models.list()
         with pytest.raises(openai.AuthenticationError):
-            client(s, api_key="wrong").chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+            client(s, api_key="wrong").chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}]
+            )
         assert httpx.post(f"{s.base_url}/v1/chat/completions", json={}).status_code == 401
         r = client(s, api_key="s3cret").chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
@@ -173,12 +207,16 @@ def test_api_key_is_required_when_configured(start_server, tmp_path):
 
 
 def test_metrics_count_requests_latency_tokens_and_format(server):
-    client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "m"}], max_tokens=3)
+    client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "m"}], max_tokens=3
+    )
     with pytest.raises(openai.NotFoundError):
         client(server).chat.completions.create(model="other", messages=[{"role": "user", "content": "m"}])
     text = httpx.get(f"{server.base_url}/metrics").text
     values = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
     }
     assert values['observe_r1_requests_total{status="200"}'] >= 1
     assert values['observe_r1_requests_total{status="404"}'] >= 1
