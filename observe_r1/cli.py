@@ -90,6 +90,12 @@ def _serve(args: argparse.Namespace) -> None:
         sys.exit(code)
 
 
+def _ask(args: argparse.Namespace) -> None:
+    from serve.client import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="observe-r1", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server with parsed fields")
     add_server_arguments(p)
     p.set_defaults(func=_serve)
+
+    from serve.client import add_arguments as add_ask_arguments
+
+    p = sub.add_parser("ask", help="ask a running server one question with images (openai client)")
+    add_ask_arguments(p)
+    p.set_defaults(func=_ask)
     return parser
 
 
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, ModelLoadError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (DataError, ModelLoadError, FileExistsError, FileNotFoundError, ValueError, TimeoutError) as e:
         print(f"observe-r1 {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
