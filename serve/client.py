@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> None:
     content.append({"type": "text", "text": args.question})
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
     response = client.chat.completions.create(
-        model=args.model, messages=[{"role": "user", "content": content}], max_tokens=args.max_tokens, seed=args.seed
+        model=args.model,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=args.max_tokens,
+        seed=args.seed,
     )
     choice = response.choices[0]
     extra = {**(choice.model_extra or {}), **(choice.message.model_extra or {})}

@@ -46,12 +46,12 @@ from vllm.entrypoints.generate.base.protocol import DeltaMessage
 from vllm.reasoning import ReasoningParser, ReasoningParserManager
 
 try:
-    from observe_r1.format import Delta, StreamParser
+    from observe_r1.format import SEGMENT_SEPARATOR, Delta, StreamParser
 except ModuleNotFoundError:
     # vLLM loads the plugin by file path; without our package installed, import it from this
     # checkout (the repository root is this file's grandparent folder).
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from observe_r1.format import Delta, StreamParser
+    from observe_r1.format import SEGMENT_SEPARATOR, Delta, StreamParser
 
 if TYPE_CHECKING:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -84,10 +84,12 @@ class _Splitter:
             if delta.field not in REASONING_FIELDS:
                 content.append(delta.text)
                 continue
+            text = delta.text
             if self._last_reasoning_field not in (None, delta.field):
-                reasoning.append(FIELD_SEPARATOR)
+                # A switch always opens a segment; its own one-line separator gives way to ours.
+                text = FIELD_SEPARATOR + text.removeprefix(SEGMENT_SEPARATOR)
             self._last_reasoning_field = delta.field
-            reasoning.append(delta.text)
+            reasoning.append(text)
         return "".join(reasoning), "".join(content)
 
 
@@ -114,7 +116,11 @@ class ObserveR1ReasoningParser(ReasoningParser):
 
     def extract_content_ids(self, input_ids: list[int]) -> list[int]:
         """The ids of the tokens whose text lands in the answer."""
-        return [tid for tid, fields in zip(input_ids, self._token_fields(input_ids)) if "answer" in fields]
+        return [
+            tid
+            for tid, fields in zip(input_ids, self._token_fields(input_ids), strict=True)
+            if "answer" in fields
+        ]
 
     def count_reasoning_tokens(self, token_ids: Sequence[int]) -> int:
         """Tokens whose text lands in the observation or the think block (vLLM reports it as

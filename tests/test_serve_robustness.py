@@ -28,8 +28,12 @@ def gauge(server, name: str) -> float:
     raise AssertionError(f"metric {name} not found")
 
 
-def png_bytes(size) -> bytes:
-    return base64.b64decode(data_url(size).split(",", 1)[1])
+def wait_for_gauge(server, name: str, value: float, timeout: float = 30) -> float:
+    """Poll a gauge until it reaches `value` (bounded): slots are freed asynchronously."""
+    deadline = time.monotonic() + timeout
+    while (current := gauge(server, name)) != value and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return current
 
 
 BAD_REQUESTS = [
@@ -223,10 +227,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(start_server):
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
         assert gauge(s, "observe_r1_num_requests_running") == 1
-    deadline = time.monotonic() + 30
-    while gauge(s, "observe_r1_num_requests_running") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert gauge(s, "observe_r1_num_requests_running") == 0
+    assert wait_for_gauge(s, "observe_r1_num_requests_running", 0) == 0
     # The slot is free: a new request is served (by the same single-row batch slot).
     assert post(s, ask("next")).status_code == 200
 

@@ -1,0 +1,134 @@
+"""The vLLM engine: vLLM's async engine (`AsyncLLM`) behind the same interface as the transformers one.
+
+vLLM does its own continuous batching, so this engine only maps requests onto it: the rendered
+prompt plus images as `multi_modal_data`, per-request `SamplingParams` with delta outputs, and
+`abort` when the client goes away. Bounding the queue is ours: vLLM would accept everything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator
+
+from serve.config import ServerConfig
+from serve.engine import ChoiceDelta, Engine, EngineRequest, EngineStats, PromptTooLongError, QueueFullError
+
+# Defaults for CPU builds of vLLM: a bounded KV cache (GiB) instead of a large share of RAM, no
+# OpenMP core pinning on shared machines, and the model worker inside the engine-core process
+# (half the start-up time). Set before vLLM is imported; the environment can override them.
+_CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "4",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+
+
+class VLLMEngine(Engine):
+    def __init__(self, config: ServerConfig):
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            for key, value in _CPU_ENV.items():
+                os.environ.setdefault(key, value)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config = config
+        self.name = "vllm"
+        dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(
+            config.dtype, config.dtype
+        )
+        args = AsyncEngineArgs(
+            model=str(config.model),
+            served_model_name=config.model_name,
+            dtype=dtype if on_gpu or dtype != "auto" else "float32",
+            max_model_len=config.max_prompt_tokens + config.max_completion_tokens,
+            max_num_seqs=config.max_batch_size,
+            limit_mm_per_prompt={"image": config.max_images_per_request},
+            enforce_eager=not on_gpu,  # CPU: no graph capture or compilation, start in seconds
+            disable_log_stats=True,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.tokenizer = self.engine.get_tokenizer()
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._image_processor = None
+
+    def render_prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
+
+    def _image_tokens(self, request: EngineRequest) -> int:
+        """Placeholder tokens the images expand into (vLLM expands them after this check)."""
+        if not request.images:
+            return 0
+        if self._image_processor is None:
+            from transformers import AutoImageProcessor
+
+            self._image_processor = AutoImageProcessor.from_pretrained(self.config.model)
+        ip = self._image_processor
+        patches = sum(ip.get_number_of_image_patches(img.height, img.width, {}) for img in request.images)
+        return patches // (ip.merge_size**2) - len(request.images)
+
+    async def prepare(self, request: EngineRequest, max_prompt_tokens: int) -> None:
+        ids = self.tokenizer.encode(request.prompt, add_special_tokens=False)
+        request.prompt_tokens = len(ids) + self._image_tokens(request)
+        if request.prompt_tokens > max_prompt_tokens:
+            raise PromptTooLongError(request.prompt_tokens, max_prompt_tokens)
+        # With images, vLLM's processor expands the placeholders from the text; without, token ids
+        # spare it a second tokenisation.
+        if request.images:
+            request.inputs = {"prompt": request.prompt, "multi_modal_data": {"image": request.images}}
+        else:
+            request.inputs = {"prompt_token_ids": ids}
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+        if self.stats.running + self.stats.waiting >= self.config.max_batch_size + self.config.max_waiting:
+            raise QueueFullError(f"{self.stats.running + self.stats.waiting} requests are in flight")
+        self.stats.waiting += 1
+        return self._stream(request)
+
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = request.sampling
+        params = SamplingParams(
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            stop=list(s.stop),
+            seed=s.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        request_id = f"{request.request_id}-{next(self._ids)}"
+        tokens = [0] * s.n
+        open_choices = s.n
+        started = False
+        try:
+            async for output in self.engine.generate(request.inputs, params, request_id):
+                if not started:
+                    started = True
+                    self.stats.waiting -= 1
+                    self.stats.running += 1
+                for choice in output.outputs:
+                    tokens[choice.index] += len(choice.token_ids)
+                    reason = choice.finish_reason if choice.finish_reason in ("stop", "length") else None
+                    open_choices -= reason is not None
+                    if choice.text or reason:
+                        yield ChoiceDelta(choice.index, choice.text, tokens[choice.index], reason)
+        finally:
+            if started:
+                self.stats.running -= 1
+            else:
+                self.stats.waiting -= 1
+            if open_choices:
+                await self.engine.abort(request_id)
+
+    async def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,117 @@
+"""Our server on the vLLM engine, for real: vLLM's CPU build (`.venv-vllm`, see the Makefile) serving a
+tiny text-only Qwen2 (its Qwen2.5-VL path needs torchvision). Skipped where vLLM is not installed."""
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+pytest.importorskip("vllm")
+
+from conftest import Server  # noqa: E402
+from test_serve import client, extra  # noqa: E402
+from test_serve_robustness import CHAT, wait_for_gauge  # noqa: E402
+from vllm_helpers.tiny_qwen2 import build_tiny_qwen2  # noqa: E402
+
+from observe_r1.format import parse  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    model = build_tiny_qwen2(root / "qwen2", seed=0)
+    args = ["--engine", "vllm", "--max-prompt-tokens", "1024", "--max-completion-tokens", "256"]
+    args += ["--max-batch-size", "2", "--max-waiting", "1"]
+    s = Server(model, *args, log_dir=root).wait_ready(timeout=300)
+    yield s
+    s.stop()
+
+
+def ask(text="How many circles?"):
+    return [{"role": "user", "content": text}]
+
+
+def test_ready_reports_the_vllm_engine(vllm_server):
+    assert httpx.get(f"{vllm_server.base_url}/ready").json()["engine"] == "vllm"
+
+
+def test_answers_are_split_like_the_transformers_engine(vllm_server):
+    r = client(vllm_server).chat.completions.create(
+        model="tiny", messages=ask(), max_tokens=24, seed=5, extra_body={"return_raw_text": True}
+    )
+    message = r.choices[0].message
+    parsed = parse(extra(message, "raw"))
+    assert (message.content, extra(message, "reasoning"), extra(message, "observation")) == (
+        parsed.answer,
+        parsed.reasoning,
+        parsed.observation,
+    )
+    assert extra(r.choices[0], "format_ok") is parsed.format_ok
+    assert 1 <= r.usage.completion_tokens <= 24 and r.usage.prompt_tokens > 10
+
+
+def test_seeded_stream_matches_the_whole_answer(vllm_server):
+    c = client(vllm_server)
+    kwargs = dict(
+        model="tiny", messages=ask(), max_tokens=32, seed=9, n=2, extra_body={"return_raw_text": True}
+    )
+    whole = c.chat.completions.create(**kwargs)
+    assert [ch.message.content for ch in c.chat.completions.create(**kwargs).choices] == [
+        ch.message.content for ch in whole.choices
+    ]
+    raw = {0: "", 1: ""}
+    content = {0: "", 1: ""}
+    finished = []
+    for chunk in c.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        for ch in chunk.choices:
+            raw[ch.index] += extra(ch.delta, "raw") or ""
+            content[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finished.append(ch.index)
+    assert sorted(finished) == [0, 1]
+    for ch in whole.choices:
+        assert raw[ch.index] == extra(ch.message, "raw")
+        assert content[ch.index] == ch.message.content
+
+
+def test_stop_strings_and_greedy_decoding(vllm_server):
+    c = client(vllm_server)
+    kwargs = dict(
+        model="tiny",
+        messages=ask("Count."),
+        max_tokens=40,
+        temperature=0,
+        extra_body={"return_raw_text": True},
+    )
+    raw = extra(c.chat.completions.create(**kwargs).choices[0].message, "raw")
+    assert raw == extra(c.chat.completions.create(**kwargs).choices[0].message, "raw")
+    stop = raw[len(raw) // 2 : len(raw) // 2 + 3]
+    r = c.chat.completions.create(**kwargs, stop=[stop])
+    assert extra(r.choices[0].message, "raw") == raw[: raw.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_limits_and_errors_apply_before_vllm(vllm_server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client(vllm_server).chat.completions.create(model="tiny", messages=ask("w " * 2000), max_tokens=4)
+    assert info.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as info:
+        client(vllm_server).chat.completions.create(model="tiny", messages=ask(), max_tokens=100_000)
+    assert info.value.body["param"] == "max_tokens"
+
+
+def test_a_full_queue_answers_429_and_disconnects_abort(vllm_server):
+    async def burst():
+        async with httpx.AsyncClient(base_url=vllm_server.base_url, timeout=120) as c:
+            body = {"model": "tiny", "messages": ask(), "max_tokens": 200, "temperature": 0}
+            return await asyncio.gather(*(c.post(CHAT, json=body) for _ in range(8)))
+
+    codes = sorted(r.status_code for r in asyncio.run(burst()))
+    assert 200 in codes and 429 in codes, codes
+
+    body = {"model": "tiny", "messages": ask(), "max_tokens": 256, "stream": True}
+    with httpx.Client(base_url=vllm_server.base_url, timeout=60) as c, c.stream("POST", CHAT, json=body) as r:
+        assert next(line for line in r.iter_lines() if line.startswith("data: "))
+    assert wait_for_gauge(vllm_server, "observe_r1_num_requests_running", 0) == 0
+    assert wait_for_gauge(vllm_server, "observe_r1_num_requests_waiting", 0) == 0
