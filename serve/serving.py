@@ -167,6 +167,26 @@ class ChatService:
     def _states(self, n: int) -> list[_ChoiceState]:
         return [_ChoiceState(StreamParser(nested_observe=self.config.nested_observe)) for _ in range(n)]
 
+    async def _track(
+        self, stream: AsyncIterator[ChoiceDelta], states: list[_ChoiceState], arrival: float
+    ) -> AsyncIterator[ChoiceDelta]:
+        """The engine's deltas, recorded into `states` and the latency metrics on the way through;
+        the engine stream is closed however the consumer stops (a client that went away included)."""
+        first = True
+        try:
+            async for item in stream:
+                if first and item.text:
+                    self.metrics.ttft.observe(time.monotonic() - arrival)
+                    first = False
+                state = states[item.index]
+                state.raw.append(item.text)
+                state.tokens = item.completion_tokens
+                state.finish_reason = item.finish_reason or state.finish_reason
+                yield item
+            self.metrics.e2e.observe(time.monotonic() - arrival)
+        finally:
+            await stream.aclose()
+
     async def complete(
         self,
         req: ChatCompletionRequest,
@@ -175,19 +195,8 @@ class ChatService:
         arrival: float,
     ) -> ChatCompletionResponse:
         states = self._states(engine_request.sampling.n)
-        first = True
-        try:
-            async for delta in stream:
-                if first and delta.text:
-                    self.metrics.ttft.observe(time.monotonic() - arrival)
-                    first = False
-                state = states[delta.index]
-                state.raw.append(delta.text)
-                state.tokens = delta.completion_tokens
-                state.finish_reason = delta.finish_reason or state.finish_reason
-        finally:
-            await stream.aclose()
-        self.metrics.e2e.observe(time.monotonic() - arrival)
+        async for _ in self._track(stream, states, arrival):
+            pass
         results = [parse("".join(s.raw), nested_observe=self.config.nested_observe) for s in states]
         choices = []
         for index, (state, result) in enumerate(zip(states, results, strict=True)):
@@ -233,40 +242,30 @@ class ChatService:
 
         for index in range(len(states)):
             yield chunk([StreamChoice(index=index, delta=Delta(role="assistant", content=""))])
-        first = True
+        tracked = self._track(stream, states, arrival)
         try:
-            async for item in stream:
-                if first and item.text:
-                    self.metrics.ttft.observe(time.monotonic() - arrival)
-                    first = False
-                state = states[item.index]
-                state.raw.append(item.text)
-                state.tokens = item.completion_tokens
-                deltas = state.parser.feed(item.text) if item.text else []
+            async for item in tracked:
+                parser = states[item.index].parser
+                deltas = parser.feed(item.text) if item.text else []
                 raw = item.text if req.return_raw_text and item.text else None
                 if deltas or raw:
                     yield chunk([StreamChoice(index=item.index, delta=_delta(deltas, raw))])
-                if item.finish_reason is not None:
-                    state.finish_reason = item.finish_reason
-                    tail = state.parser.finish()
-                    result = state.parser.result
-                    self.metrics.record_choice(result.format_ok)
-                    if tail:
-                        yield chunk([StreamChoice(index=item.index, delta=_delta(tail, None))])
-                    yield chunk(
-                        [
-                            StreamChoice(
-                                index=item.index,
-                                delta=Delta(),
-                                finish_reason=item.finish_reason,
-                                format_ok=result.format_ok,
-                                format_errors=list(result.errors),
-                            )
-                        ]
-                    )
+                if item.finish_reason is None:
+                    continue
+                tail = parser.finish()
+                self.metrics.record_choice(parser.result.format_ok)
+                if tail:
+                    yield chunk([StreamChoice(index=item.index, delta=_delta(tail, None))])
+                closing = StreamChoice(
+                    index=item.index,
+                    delta=Delta(),
+                    finish_reason=item.finish_reason,
+                    format_ok=parser.result.format_ok,
+                    format_errors=list(parser.result.errors),
+                )
+                yield chunk([closing])
         finally:
-            await stream.aclose()
-        self.metrics.e2e.observe(time.monotonic() - arrival)
+            await tracked.aclose()
         usage = self._usage(engine_request.prompt_tokens, states, [s.parser.result for s in states])
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], usage)
