@@ -1,0 +1,297 @@
+"""The training config: every constant of REFERENCE.md is a named option, with the authors' value or ours.
+
+Load with `load_training_config(path, overrides)`; the trainer then calls `validate_paths(cfg)` before it
+loads anything and `grad_accumulation(cfg, world_size)` once it knows the world size. Numbers that
+the pure modules already define (train/algorithms.py, train/rewards.py) are imported, never restated.
+
+Units, as in the authors' OpenRLHF script:
+- a *step* is one rollout: `rollout.prompts_per_step` prompts (all ranks together) x `group_size`
+  responses, scored, then `algorithm.ppo_epochs` passes of optimizer updates over those responses;
+  `max_steps`, `checkpoint.save_every` and `logging.log_every` count these steps;
+- `optim.train_batch` counts *responses* per optimizer update, all ranks together (OpenRLHF's
+  `--train_batch_size`, the global DeepSpeed batch); `optim.micro_batch` counts responses per rank
+  per forward/backward (`--micro_train_batch_size`). The paper's 128 x 8 = 1,024 responses per step
+  thus make 16 updates of 64 responses, each 4 accumulated micro-batches of 2 on each of 8 GPUs.
+Relative paths (data, model, output) are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from observe_r1.config import ConfigError, load_config
+from train import algorithms
+from train.rewards import BONUS_COEF, BONUS_MIN_LEN, BUILTINS, DEFAULT_COMPONENTS, REWARD_CLAMP
+
+# ours: REFERENCE.md only says the hint tells the model the problem is hard and to verify its steps.
+DIFFICULTY_HINT = (
+    "This problem is difficult. Observe the image carefully, reason step by step, "
+    "and verify each step before giving the final answer."
+)
+KL_DEFAULTS = {
+    "loss": ("k3", algorithms.KL_LOSS_COEF),
+    "reward": ("k1", algorithms.KL_REWARD_COEF),
+    "none": ("k3", 0.0),
+}
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+# Choices come from the modules that implement them, so a new mode is one edit away from the config.
+PriorKind = Literal[tuple(algorithms.DIFFICULTY_WEIGHTS)]
+CombineMode = Literal[algorithms.COMBINE_MODES]
+AggMode = Literal[algorithms.AGG_MODES]
+KLKind = Literal[algorithms.KL_KINDS]
+
+
+@dataclass
+class ModelConfig:
+    path: str  # a local Hugging Face folder or a hub id such as Qwen/Qwen2.5-VL-3B-Instruct
+    dtype: Literal["bf16", "fp32"] = "bf16"  # authors: bf16; DeepSpeed's bf16 mode follows it
+    gradient_checkpointing: bool = True  # authors: on
+    freeze_vision_tower: bool = False  # ours: train every parameter
+    ref_path: str | None = None  # the KL reference model; None: the initial policy (`path`)
+
+
+@dataclass
+class DataConfig:
+    paths: list[Path]  # JSONL/Parquet sample files (observe_r1.data), read in this order
+    shuffle: bool = False  # authors: read the ladder in file order; True shuffles with `seed`
+    max_samples: int | None = None  # None: every row; the paper used the first 20,000 rows
+    system_prompt: str | None = None  # None: observe_r1.format.SYSTEM_PROMPT; "": no system prompt
+
+
+@dataclass
+class HintsConfig:
+    """Stage-2 difficulty hints (difficulty prior, arXiv 2505.13261).
+
+    When enabled, a sample whose `difficulty >= difficulty_threshold`, or whose row has its own
+    `hint`, gets that row hint or else `text`, put before or after the question.
+    """
+
+    enabled: bool = False
+    text: str = DIFFICULTY_HINT
+    difficulty_threshold: float = 0.75  # ours: at most 2 of 8 reference answers right
+    position: Literal["prepend", "append"] = "prepend"
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["auto", "transformers", "vllm"] = "auto"  # auto: vLLM with a GPU, else transformers
+    group_size: int = 8
+    prompts_per_step: int = 128  # all ranks together
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    max_prompt_tokens: int = 9216
+    vllm_gpu_memory_utilization: float = 0.5  # ours; vLLM shares the GPUs with training (colocated)
+    vllm_sleep: bool = True  # authors: vLLM sleeps (frees its memory) while the actor trains
+
+
+@dataclass
+class RewardConfig:
+    # weight per component: a built-in name (accuracy, format, bonus) or a `module:function` plug-in
+    components: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_COMPONENTS))
+    bonus_coef: float = BONUS_COEF
+    bonus_min_len: int = BONUS_MIN_LEN
+    bonus_requires_format: bool = True  # ours: only a well-formatted shortest answer wins the bonus
+    clamp: float | None = REWARD_CLAMP  # authors clamp the total to [-clamp, clamp]; None: no clamp
+    nested_observe: bool = False  # also accept <observe> nested in <think> (the authors' regex)
+
+
+@dataclass
+class DifficultyPriorConfig:
+    """Online advantage reweighting by the group accuracy p (algorithms.DIFFICULTY_WEIGHTS)."""
+
+    kind: PriorKind = "none"
+    combine: CombineMode = "multiply"  # how it meets the Observe-R1 weight
+    alpha: float = algorithms.LINEAR_ALPHA  # linear: w = 1 + alpha (1 - p)
+    a: float = algorithms.LOGISTIC_A  # logistic: w = a + (b - a) / (1 + exp(k (p - p0)))
+    b: float = algorithms.LOGISTIC_B
+    k: float = algorithms.LOGISTIC_K
+    p0: float = algorithms.LOGISTIC_P0
+
+    def weight_kwargs(self) -> dict[str, float]:
+        """Keyword arguments for `algorithms.DIFFICULTY_WEIGHTS[kind]`."""
+        return {
+            "none": {},
+            "linear": {"alpha": self.alpha},
+            "logistic": {"A": self.a, "B": self.b, "k": self.k, "p0": self.p0},
+        }[self.kind]
+
+
+@dataclass
+class AlgorithmConfig:
+    normalize_std: bool = True  # False: Dr.GRPO advantages r - mean
+    unbiased_std: bool = True  # authors: sample std (divide by G - 1)
+    adv_eps: float = algorithms.ADV_EPS
+    observe_weight: bool = True  # w = 4 sigma d (1 - d); False: w = 1 (plain GRPO)
+    weight_sigma: float = algorithms.WEIGHT_SIGMA
+    difficulty_prior: DifficultyPriorConfig = field(default_factory=DifficultyPriorConfig)
+    clip_low: float = algorithms.CLIP_EPS
+    clip_high: float = algorithms.CLIP_EPS  # > clip_low: DAPO clip-higher
+    agg: AggMode = "token-mean"  # seq-mean-token-sum-norm divides by rollout.max_new_tokens
+    # ours: KL as a loss term with coefficient 0 (no reference model is loaded); the authors put
+    # k1 x 0.01 in the reward. kl_kind/kl_coef left null take the mode's default (KL_DEFAULTS).
+    kl_mode: Literal["none", "loss", "reward"] = "loss"
+    kl_kind: KLKind | None = None
+    kl_coef: float | None = None
+    ppo_epochs: int = 1
+
+    def __post_init__(self):
+        kind, coef = KL_DEFAULTS[self.kl_mode]
+        self.kl_kind = kind if self.kl_kind is None else self.kl_kind
+        self.kl_coef = coef if self.kl_coef is None else self.kl_coef
+
+    @property
+    def needs_ref_model(self) -> bool:
+        return self.kl_mode != "none" and self.kl_coef > 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr_ratio: float = 0.1  # cosine decay to min_lr_ratio x lr
+    warmup_ratio: float = 0.03
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    train_batch: int = 64  # responses per optimizer update, all ranks together
+    micro_batch: int = 2  # responses per forward/backward on one rank
+    epochs: int = 1  # passes over the data
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[2, 3] = 2
+    offload: bool = False  # optimizer state (and ZeRO-3 parameters) in CPU memory
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed JSON as is
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: Path = Path("runs/train")
+    save_every: int = 50  # steps; 0: only at the end
+    keep_last: int = 2  # training-state checkpoints kept
+    resume: str = "auto"  # auto: the latest in output_dir if any; none; or a checkpoint folder
+    export_hf: bool = True  # also write a Hugging Face folder that vLLM/transformers load as is
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    jsonl: bool = True
+    log_every: int = 1
+    plot_png: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    hints: HintsConfig = field(default_factory=HintsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 42  # OpenRLHF's default
+    max_steps: int | None = None  # None: `optim.epochs` passes over the data
+
+    def __post_init__(self):
+        """Cross-field checks, so a bad combination fails at load time and not after the model loads."""
+        ro, alg, opt, ck = self.rollout, self.algorithm, self.optim, self.checkpoint
+        _check(ro.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare responses)")
+        for key, value, low in [
+            ("rollout.prompts_per_step", ro.prompts_per_step, 1),
+            ("rollout.max_new_tokens", ro.max_new_tokens, 1),
+            ("rollout.max_prompt_tokens", ro.max_prompt_tokens, 1),
+            ("optim.train_batch", opt.train_batch, 1),
+            ("optim.micro_batch", opt.micro_batch, 1),
+            ("optim.epochs", opt.epochs, 1),
+            ("algorithm.ppo_epochs", alg.ppo_epochs, 1),
+            ("reward.bonus_min_len", self.reward.bonus_min_len, 0),
+            ("checkpoint.save_every", ck.save_every, 0),  # 0: only at the end
+            ("checkpoint.keep_last", ck.keep_last, 1),
+            ("logging.log_every", self.logging.log_every, 1),
+            ("data.max_samples", self.data.max_samples, 1),  # null: every row
+            ("max_steps", self.max_steps, 1),  # null: optim.epochs over the data
+        ]:
+            _check(value is None or value >= low, key, f"must be >= {low} (got {value})")
+        responses = ro.prompts_per_step * ro.group_size
+        per_step = f"the {responses} responses of a step (rollout.prompts_per_step x rollout.group_size)"
+        _check(responses % opt.train_batch == 0, "optim.train_batch", f"must divide {per_step}")
+        _check(opt.train_batch % opt.micro_batch == 0, "optim.micro_batch", "must divide optim.train_batch")
+        for key, value in [("algorithm.clip_low", alg.clip_low), ("algorithm.clip_high", alg.clip_high)]:
+            _check(0 < value < 1, key, f"must lie in (0, 1), got {value}")
+        _check(opt.lr > 0, "optim.lr", f"must be > 0, got {opt.lr}")
+        _check(0 <= opt.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
+        _check(0 <= opt.warmup_ratio < 1, "optim.warmup_ratio", "must lie in [0, 1)")
+        _check(all(0 <= b < 1 for b in opt.betas), "optim.betas", "each must lie in [0, 1)")
+        _check(ro.temperature > 0, "rollout.temperature", "must be > 0")
+        _check(0 < ro.top_p <= 1, "rollout.top_p", "must lie in (0, 1]")
+        _check(0 <= self.hints.difficulty_threshold <= 1, "hints.difficulty_threshold", "must lie in [0, 1]")
+        _check(alg.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+        _check(bool(self.data.paths), "data.paths", "needs at least one data file")
+        _check(bool(self.reward.components), "reward.components", "needs at least one reward")
+        for spec in self.reward.components:
+            _check(
+                spec in BUILTINS or re.fullmatch(r"[\w.]+:\w+", spec) is not None,
+                f"reward.components.{spec}",
+                f"expected one of {', '.join(BUILTINS)} or 'module:function'",
+            )
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def load_training_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)
+
+
+def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches accumulated per optimizer update: train_batch / (micro_batch x world_size)."""
+    per_pass = cfg.optim.micro_batch * world_size
+    if cfg.optim.train_batch % per_pass:
+        raise ConfigError(
+            f"optim.train_batch = {cfg.optim.train_batch} must be a multiple of optim.micro_batch"
+            f" x world size = {cfg.optim.micro_batch} x {world_size}"
+        )
+    return cfg.optim.train_batch // per_pass
+
+
+def _model_problem(key: str, path: str) -> str | None:
+    """None if `path` is a model folder or a hub id that is not a local path; else what is wrong."""
+    from observe_r1.modeling import ModelLoadError, check_model_folder
+
+    if not Path(path).exists() and _HUB_ID.fullmatch(path) and not path.startswith("."):
+        return None
+    try:
+        check_model_folder(Path(path))
+    except ModelLoadError as e:
+        return f"{key}: {e}"
+    return None
+
+
+def validate_paths(cfg: TrainConfig) -> None:
+    """Check that every input the config names exists, before the trainer loads anything.
+
+    Kept out of loading so a config can be parsed, saved and tested where the files are not.
+    Reports every missing input at once.
+    """
+    problems = [
+        f"data.paths[{i}]: no such file: {p}" for i, p in enumerate(cfg.data.paths) if not p.is_file()
+    ]
+    problems.append(_model_problem("model.path", cfg.model.path))
+    if cfg.model.ref_path is not None:
+        problems.append(_model_problem("model.ref_path", cfg.model.ref_path))
+    if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).is_dir():
+        problems.append(f"checkpoint.resume: no such checkpoint folder: {cfg.checkpoint.resume}")
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError("; ".join(problems))
