@@ -1,0 +1,346 @@
+"""Rollout engines: sample a group of G responses per prompt for GRPO.
+
+The trainer talks to one small interface, `RolloutEngine` (DESIGN.md: engines sit behind one small
+interface each), and never learns which engine runs. `TransformersRollout` samples with the policy
+object itself (CPU, tests, small runs); a vLLM engine implements the same three methods for GPU
+scale-out, loading the trainer's new weights in `update_weights`, and builds its prompts with the
+same `process_prompt`, so the update sees identical inputs whichever engine sampled.
+
+Every engine returns a `RolloutBatch` in group-contiguous order (response i answers prompt i // G)
+holding what the update needs: completion tokens and masks, plus the processed prompts (tokens,
+pixels, image grids) from which `RolloutBatch.model_inputs` rebuilds prompt ⊕ completion.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from observe_r1.chat import build_messages, open_images
+from observe_r1.data import Sample
+from observe_r1.format import SYSTEM_PROMPT
+
+END_OF_TURN = "<|im_end|>"
+_PADDED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample: `temperature` 0 means greedy; top-k is always off (plain nucleus sampling).
+
+    `seed` makes a rollout reproducible without touching the trainer's global RNG; None draws a seed
+    from the global RNG, which then advances, so a seeded run still reproduces. `logprobs` keeps each
+    sampled token's log-prob under the raw (untempered) model distribution; it holds T x N x vocab
+    logits while generating, so it is meant for checks and small runs; the update recomputes them.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    seed: int | None = None
+    logprobs: bool = False
+
+
+def process_prompt(processor, sample: Sample, prompt: str, system_prompt: str | None) -> dict:
+    """One prompt through the chat template and processor, unbatched tensors of batch size 1.
+
+    The caller decides `prompt` (e.g. the question plus a difficulty hint); the sample supplies the
+    images (local paths), which come first in the user turn, as Qwen expects.
+    """
+    images = open_images(sample.images)
+    messages = build_messages(prompt, len(images), system_prompt)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+
+
+def _collate(prompts: list[dict], pad_id: int, image_keys=_IMAGE_KEYS) -> dict[str, torch.Tensor]:
+    """Left-pad token tensors to one width (so every row's next token is in the last column) and
+    concatenate the `image_keys` (patches, grids) in row order, as Qwen2.5-VL expects for a batch."""
+    width = max(p["input_ids"].shape[1] for p in prompts)
+    batch = {
+        key: torch.cat(
+            [
+                torch.nn.functional.pad(
+                    p[key], (width - p[key].shape[1], 0), value=pad_id if key == "input_ids" else 0
+                )
+                for p in prompts
+            ]
+        )
+        for key in _PADDED_KEYS
+    }
+    for key in image_keys:
+        parts = [p[key] for p in prompts if key in p]
+        if parts:
+            batch[key] = torch.cat(parts)
+    return batch
+
+
+def _position_ids(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Qwen2.5-VL's (4, B, L) positions: 1-D text positions (for the mask), then the 3-D mrope ones.
+
+    This is what `generate` computes for a fresh prompt. Passing it explicitly everywhere keeps the
+    shared-prefill continuation and the update forward off the `rope_deltas` the model caches on
+    itself between calls, and makes left-padded rows without images get the same positions as alone.
+    """
+    mask = batch["attention_mask"]
+    text = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if batch.get("image_grid_thw") is None:
+        mrope = text[None].expand(3, -1, -1)
+    else:
+        mrope, _ = model.model.get_rope_index(
+            batch["input_ids"],
+            batch["mm_token_type_ids"],
+            image_grid_thw=batch["image_grid_thw"],
+            attention_mask=mask,
+        )
+    return torch.cat([text[None], mrope])
+
+
+@dataclass
+class RolloutBatch:
+    """N = P * G responses, group-contiguous; completion tensors are right-padded to width T.
+
+    `completion_mask` is 1 up to and including the end-of-turn token (or through the last token for a
+    response cut at `max_new_tokens`, finish reason "length"), 0 after; padding holds `pad_id`.
+    `prompt_inputs` are the processor outputs per prompt (batch size 1, unpadded). `timing` holds
+    seconds spent processing prompts and generating. `logprobs` (N, T) only when requested.
+    """
+
+    samples: list[Sample]
+    prompt_inputs: list[dict[str, torch.Tensor]]
+    group_size: int
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+    finish_reasons: list[str]
+    pad_id: int
+    timing: dict[str, float]
+    logprobs: torch.Tensor | None = None
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(1)
+
+    @property
+    def group_index(self) -> torch.Tensor:
+        return torch.arange(len(self.texts)) // self.group_size
+
+    @property
+    def prompt_ids(self) -> list[torch.Tensor]:
+        return [p["input_ids"][0] for p in self.prompt_inputs]
+
+    def model_inputs(self, model, rows: slice | Sequence[int] | None = None) -> tuple[dict, int]:
+        """Forward inputs for prompt ⊕ completion of `rows` (default all), on `model`'s device.
+
+        Returns `(inputs, start)`: position `start + t` of `model(**inputs)` holds completion token t
+        of `completion_ids[rows]` (weigh by `completion_mask[rows]`), so `logits[:, start - 1 : -1]`
+        score the completions. Prompts are left-padded to a common width: one `start` for all rows.
+
+        The inputs are embeddings: `model`'s vision tower runs once per distinct prompt in `rows`
+        (once per group when `rows` covers whole groups) and the features go to every response's
+        image placeholders, gradients included. Doing it here rather than passing `pixel_values`
+        lets the G responses share one encoding on any transformers 5.x, and a sampled
+        `<|image_pad|>` in a completion stays the ordinary token that `generate` saw. Call this
+        under the same grad mode and autocast as the forward.
+        """
+        rows = slice(None) if rows is None else rows
+        rows = list(range(len(self.texts))[rows] if isinstance(rows, slice) else rows)
+        if not rows:
+            raise ValueError("model_inputs needs at least one row")
+        prompts = [self.prompt_inputs[r // self.group_size] for r in rows]
+        batch = _collate(prompts, self.pad_id, image_keys=("image_grid_thw",))
+        start = batch["input_ids"].shape[1]
+        ids, mask = self.completion_ids[rows], self.completion_mask[rows]
+        batch["input_ids"] = torch.cat([batch["input_ids"], ids], 1)
+        batch["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
+        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        if "image_grid_thw" in batch:
+            placeholders = (batch["mm_token_type_ids"] == 1)[..., None]
+            embeds = embeds.masked_scatter(placeholders, self._image_features(model, rows).to(embeds.dtype))
+        inputs = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}
+        return {**inputs, "position_ids": _position_ids(model, batch)}, start
+
+    def _image_features(self, model, rows: list[int]) -> torch.Tensor:
+        """Each distinct prompt's images encoded once, repeated for every row of that prompt."""
+        prompts = sorted({r // self.group_size for r in rows})
+        prompts = [p for p in prompts if "pixel_values" in self.prompt_inputs[p]]
+        pixels = torch.cat([self.prompt_inputs[p]["pixel_values"] for p in prompts]).to(model.device)
+        grids = torch.cat([self.prompt_inputs[p]["image_grid_thw"] for p in prompts]).to(model.device)
+        features = iter(model.get_image_features(pixels, grids).pooler_output)
+        per_prompt = {
+            p: torch.cat([next(features) for _ in self.prompt_inputs[p]["image_grid_thw"]]) for p in prompts
+        }
+        return torch.cat(
+            [per_prompt[r // self.group_size] for r in rows if r // self.group_size in per_prompt]
+        )
+
+
+class RolloutEngine(abc.ABC):
+    """Samples groups of responses; the trainer sees only these three methods."""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        samples: list[Sample],
+        prompts: list[str],
+        group_size: int,
+        settings: SamplingSettings,
+        system_prompt: str | None = SYSTEM_PROMPT,
+    ) -> RolloutBatch:
+        """`group_size` responses to each `prompts[i]` (the user text for `samples[i]`)."""
+
+    @abc.abstractmethod
+    def update_weights(self, model_or_state_dict) -> None:
+        """Make the next `generate` sample from the trainer's current weights."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release what the engine holds (processes, GPU memory)."""
+
+
+class TransformersRollout(RolloutEngine):
+    """Samples with the trainer's own policy object through one `generate` call for all P * G rows.
+
+    With `share_prefill` (the default), each prompt is prefilled once, vision tower included: the P
+    prompts, less their last token, run through the model, the KV cache is repeated G-fold on the
+    batch axis, and `generate` continues all P * G rows from the last prompt token. This gives the
+    same tokens as processing every prompt G times (`share_prefill=False`, kept as the reference):
+    the sampler draws the same random numbers for the same distributions, and with fp32 the logits
+    agree to rounding. The caller puts the model in eval mode (no gradient checkpointing, so the
+    cache exists) around `generate`; sampling runs under `no_grad`, not `inference_mode`, so the
+    returned tensors can enter the update's autograd graph.
+    """
+
+    def __init__(self, model, processor, share_prefill: bool = True):
+        self.model = model
+        self.processor = processor
+        self.share_prefill = share_prefill
+        tokenizer = processor.tokenizer
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = sorted({*eos, tokenizer.convert_tokens_to_ids(END_OF_TURN)})
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def update_weights(self, model_or_state_dict) -> None:
+        """Nothing to do: this engine samples with the very model object the trainer updates."""
+
+    def close(self) -> None:
+        """Nothing to release: the model and processor belong to the trainer."""
+
+    def generate(
+        self,
+        samples: list[Sample],
+        prompts: list[str],
+        group_size: int,
+        settings: SamplingSettings,
+        system_prompt: str | None = SYSTEM_PROMPT,
+    ) -> RolloutBatch:
+        if len(samples) != len(prompts) or not samples:
+            raise ValueError(f"need one prompt per sample: {len(samples)} samples, {len(prompts)} prompts")
+        if group_size < 1:
+            raise ValueError(f"group_size must be at least 1, got {group_size}")
+        if self.model.training:
+            raise RuntimeError("put the policy in eval mode for rollouts (model.eval()), then back to train")
+        started = time.perf_counter()
+        pairs = zip(samples, prompts, strict=True)
+        inputs = [process_prompt(self.processor, s, p, system_prompt) for s, p in pairs]
+        processed = time.perf_counter()
+        seed = settings.seed if settings.seed is not None else int(torch.randint(2**62, ()))
+        # `generate` takes no torch.Generator, so seed the global RNG inside a fork and restore it.
+        with torch.no_grad(), self._fork_rng():
+            torch.manual_seed(seed)
+            run = self._generate_shared if self.share_prefill else self._generate_repeated
+            output, prompt_width = run(inputs, group_size, self._generation_config(settings))
+        timing = {"prepare": processed - started, "generate": time.perf_counter() - processed}
+        return self._batch(samples, inputs, group_size, output, prompt_width, timing)
+
+    def _fork_rng(self):
+        """Fork the CPU RNG and every device's of the model's kind (`manual_seed` seeds them all)."""
+        kind = self.model.device.type
+        if kind == "cpu":
+            return torch.random.fork_rng(devices=[])
+        count = torch.get_device_module(kind).device_count()
+        return torch.random.fork_rng(devices=range(count), device_type=kind)
+
+    def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
+        """Everything set explicitly: `generate` fills unset fields from the checkpoint's generation
+        config, and Qwen's ships top_k=1, top_p=0.001 and a repetition penalty."""
+        sampling = (
+            {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
+            if settings.temperature > 0
+            else {"do_sample": False}
+        )
+        return GenerationConfig(
+            max_new_tokens=settings.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            repetition_penalty=1.0,
+            return_dict_in_generate=True,
+            output_logits=settings.logprobs,
+            **sampling,
+        )
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.model.device) for k, v in batch.items()}
+
+    def _generate_repeated(self, inputs: list[dict], group_size: int, config: GenerationConfig):
+        """Reference path: every prompt G times in the batch (vision tower and prefill run G times)."""
+        batch = self._to_device(_collate([p for p in inputs for _ in range(group_size)], self.pad_id))
+        return self.model.generate(**batch, generation_config=config), batch["input_ids"].shape[1]
+
+    def _generate_shared(self, inputs: list[dict], group_size: int, config: GenerationConfig):
+        """Prefill the P prompts once, less their last token, then continue G-fold from the cache.
+
+        `generate` needs at least one uncached token to produce the first logits, hence the held-back
+        last token (always text: the newline after "assistant").
+        """
+        batch = self._to_device(_collate(inputs, self.pad_id))
+        positions = _position_ids(self.model, batch)
+        head = {k: batch[k][:, :-1] for k in _PADDED_KEYS}
+        images = {k: batch[k] for k in _IMAGE_KEYS if k in batch}
+        cache = self.model(
+            **head, **images, position_ids=positions[..., :-1], use_cache=True, logits_to_keep=1
+        ).past_key_values
+        cache.batch_repeat_interleave(group_size)
+        output = self.model.generate(
+            **{k: batch[k].repeat_interleave(group_size, 0) for k in _PADDED_KEYS},
+            position_ids=positions.repeat_interleave(group_size, 1),
+            past_key_values=cache,
+            generation_config=config,
+        )
+        return output, batch["input_ids"].shape[1]
+
+    def _batch(self, samples, inputs, group_size, output, prompt_width, timing) -> RolloutBatch:
+        new = output.sequences[:, prompt_width:].cpu()
+        is_eos = torch.isin(new, torch.tensor(self.eos_ids))
+        stopped = is_eos.any(1)
+        lengths = torch.where(stopped, is_eos.int().argmax(1) + 1, new.shape[1])
+        mask = (torch.arange(new.shape[1])[None] < lengths[:, None]).long()
+        ids = new.masked_fill(mask == 0, self.pad_id)
+        logprobs = None
+        if output.logits is not None:
+            logits = torch.stack(output.logits, 1).float().cpu()
+            logprobs = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1) * mask
+        texts = self.processor.tokenizer.batch_decode(
+            [row[:n] for row, n in zip(ids, lengths.tolist(), strict=True)], skip_special_tokens=True
+        )
+        return RolloutBatch(
+            samples=list(samples),
+            prompt_inputs=inputs,
+            group_size=group_size,
+            completion_ids=ids,
+            completion_mask=mask,
+            texts=texts,
+            finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
+            pad_id=self.pad_id,
+            timing=timing,
+            logprobs=logprobs,
+        )
