@@ -32,6 +32,7 @@ class ServerConfig:
     max_batch_size: int = 32
     max_waiting: int = 256
     batch_wait_ms: float = 5.0
+    max_batch_wait_ms: float = 250.0  # longest wait for requests still being prepared (images, tokens)
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
 

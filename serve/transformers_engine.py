@@ -1,7 +1,10 @@
 """The transformers engine: concurrent requests share batched `generate` calls.
 
-Requests wait in a bounded queue; a worker thread takes as many as fit in `max_batch_size` sequences
-(waiting `batch_wait_ms` for stragglers), left-pads them into one batch and runs one `generate`.
+Requests wait in a bounded queue; a worker thread takes as many as fit in `max_batch_size` sequences,
+left-pads them into one batch and runs one `generate`. Before it starts a batch it waits
+`batch_wait_ms` for stragglers, and longer (up to `max_batch_wait_ms`) while requests that have
+already arrived are still being prepared (images decoded, prompt tokenised): a burst of clients
+then shares one batch instead of splitting into a small one and a late one.
 Two hooks make one shared call behave like separate requests:
 - `_RowSampler` (a logits processor) samples each row with its own temperature, top-p and seeded
   generator, so a request's output does not depend on its batch neighbours' settings;
@@ -168,6 +171,7 @@ class TransformersEngine(Engine):
         self._waiting: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self._preparing = 0
         self._worker = threading.Thread(target=self._loop, name="generate-worker", daemon=True)
         self._worker.start()
 
@@ -182,11 +186,18 @@ class TransformersEngine(Engine):
         return dict(features)
 
     async def prepare(self, request: EngineRequest, max_prompt_tokens: int) -> None:
-        inputs = await asyncio.to_thread(self._process, request)
-        request.prompt_tokens = int(inputs["input_ids"].shape[1])
-        if request.prompt_tokens > max_prompt_tokens:
-            raise PromptTooLongError(request.prompt_tokens, max_prompt_tokens)
-        request.inputs = inputs
+        with self._cv:
+            self._preparing += 1
+        try:
+            inputs = await asyncio.to_thread(self._process, request)
+            request.prompt_tokens = int(inputs["input_ids"].shape[1])
+            if request.prompt_tokens > max_prompt_tokens:
+                raise PromptTooLongError(request.prompt_tokens, max_prompt_tokens)
+            request.inputs = inputs
+        finally:
+            with self._cv:
+                self._preparing -= 1
+                self._cv.notify()
 
     def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
         if request.inputs is None:
@@ -227,12 +238,16 @@ class TransformersEngine(Engine):
                 self._cv.wait()
             if not self._waiting:
                 return None
-            deadline = time.monotonic() + self.config.batch_wait_ms / 1000
+            start = time.monotonic()
+            short = start + self.config.batch_wait_ms / 1000
+            long = start + self.config.max_batch_wait_ms / 1000
             while sum(j.request.sampling.n for j in self._waiting) < limit and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                # A request being prepared joins within milliseconds; wait for it, within bounds.
+                deadline = long if self._preparing else short
+                if now >= deadline:
                     break
-                self._cv.wait(timeout=left)
+                self._cv.wait(timeout=deadline - now)
             batch: list[_Job] = []
             rows = 0
             while self._waiting and (not batch or rows + self._waiting[0].request.sampling.n <= limit):
