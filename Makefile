@@ -47,6 +47,9 @@ test: setup setup-vllm
 	$(PY) -m pytest -q
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_reasoning_parser.py
 
+bench: setup
+	$(PY) bench/serve_bench.py --out runs/bench/serve
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
