@@ -48,7 +48,7 @@ test: setup setup-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_reasoning_parser.py
 
 bench: setup
-	$(PY) bench/serve_bench.py --out runs/bench/serve
+	$(PY) bench/serve_bench.py --out runs/bench/serve  # add --skip-peer to leave out transformers serve
 
 lint: setup
 	$(VENV)/bin/ruff check .

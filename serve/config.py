@@ -31,8 +31,8 @@ class ServerConfig:
     # Scheduling: how many sequences share one generate call, and how many requests may wait.
     max_batch_size: int = 32
     max_waiting: int = 256
-    batch_wait_ms: float = 5.0
-    max_batch_wait_ms: float = 250.0  # longest wait for requests still being prepared (images, tokens)
+    batch_wait_ms: float = 30.0  # a batch starts once no new request has arrived for this long ...
+    max_batch_wait_ms: float = 500.0  # ... or this long after its first request, whichever is first
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
 

@@ -1,10 +1,11 @@
 """The transformers engine: concurrent requests share batched `generate` calls.
 
 Requests wait in a bounded queue; a worker thread takes as many as fit in `max_batch_size` sequences,
-left-pads them into one batch and runs one `generate`. Before it starts a batch it waits
-`batch_wait_ms` for stragglers, and longer (up to `max_batch_wait_ms`) while requests that have
-already arrived are still being prepared (images decoded, prompt tokenised): a burst of clients
-then shares one batch instead of splitting into a small one and a late one.
+left-pads them into one batch and runs one `generate`. Clients that come back together after a batch
+reach the queue spread over hundreds of milliseconds (each request is parsed, its images decoded and
+its prompt processed in turn), so a batch starts only once no request has arrived for
+`batch_wait_ms` and none is still being prepared, at most `max_batch_wait_ms` after its first
+request. A lone client (the previous batch had one row and nothing else is pending) never waits.
 Two hooks make one shared call behave like separate requests:
 - `_RowSampler` (a logits processor) samples each row with its own temperature, top-p and seeded
   generator, so a request's output does not depend on its batch neighbours' settings;
@@ -172,6 +173,7 @@ class TransformersEngine(Engine):
         self._cv = threading.Condition()
         self._stopping = False
         self._preparing = 0
+        self._last_batch_rows = 0
         self._worker = threading.Thread(target=self._loop, name="generate-worker", daemon=True)
         self._worker.start()
 
@@ -230,6 +232,9 @@ class TransformersEngine(Engine):
                     self._waiting.remove(job)
                     self.stats.waiting = len(self._waiting)
 
+    def _rows_waiting(self) -> int:
+        return sum(j.request.sampling.n for j in self._waiting)
+
     def _take_batch(self) -> list[_Job] | None:
         """Block until work arrives, then take the jobs that fit in one batch (at least one)."""
         limit = self.config.max_batch_size
@@ -238,13 +243,16 @@ class TransformersEngine(Engine):
                 self._cv.wait()
             if not self._waiting:
                 return None
-            start = time.monotonic()
-            short = start + self.config.batch_wait_ms / 1000
-            long = start + self.config.max_batch_wait_ms / 1000
-            while sum(j.request.sampling.n for j in self._waiting) < limit and not self._stopping:
+            start = last_arrival = time.monotonic()
+            cap = start + self.config.max_batch_wait_ms / 1000
+            gap = self.config.batch_wait_ms / 1000
+            rows = self._rows_waiting()
+            alone = self._last_batch_rows <= 1 and rows == 1 and not self._preparing
+            while not alone and rows < limit and not self._stopping:
                 now = time.monotonic()
-                # A request being prepared joins within milliseconds; wait for it, within bounds.
-                deadline = long if self._preparing else short
+                if self._rows_waiting() != rows:
+                    rows, last_arrival = self._rows_waiting(), now
+                deadline = cap if self._preparing else min(cap, last_arrival + gap)
                 if now >= deadline:
                     break
                 self._cv.wait(timeout=deadline - now)
@@ -257,6 +265,7 @@ class TransformersEngine(Engine):
                     rows += job.request.sampling.n
             self.stats.waiting = len(self._waiting)
             self.stats.running += len(batch)
+            self._last_batch_rows = rows
             return batch
 
     def _loop(self) -> None:
