@@ -287,7 +287,7 @@ def test_serve_refuses_a_missing_model_folder_at_once(tmp_path):
     assert proc.returncode == 2 and "model folder not found" in proc.stderr
 
 
-def test_schemathesis_finds_no_server_errors(limited):
+def test_schemathesis_finds_no_server_errors(limited, tmp_path):
     import shutil
     import subprocess
     import sys
@@ -296,6 +296,7 @@ def test_schemathesis_finds_no_server_errors(limited):
     st = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     command = [st, "run", f"{limited.base_url}/openapi.json", "--checks", "not_a_server_error"]
     command += ["--max-examples", "60", "--request-timeout", "60", "--generation-deterministic", "--no-color"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    # Run in tmp_path: schemathesis keeps a cache folder in its working directory.
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert limited.proc.poll() is None
