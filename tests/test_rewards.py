@@ -278,4 +278,4 @@ def test_the_authors_bonus_rule_pays_a_malformed_correct_response_when_asked():
     well_formed = "<observe>o</observe><think>t</think><answer>3</answer>"
     args = ([malformed, well_formed], [sample, sample], [1.0, 1.0], [150, 200])
     assert bonus_reward(*args) == [0.0, BONUS_COEF]
-    assert bonus_reward(*args, requires_format=False) == [BONUS_COEF, 0.0]
+    assert bonus_reward(*args, bonus_requires_format=False) == [BONUS_COEF, 0.0]

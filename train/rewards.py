@@ -173,23 +173,25 @@ def format_reward(completion: str, sample: Sample, nested_observe: bool = False)
     return FORMAT_REWARD if parse(completion, nested_observe=nested_observe).format_ok else 0.0
 
 
+@group_reward
 def bonus_reward(
     completions: list[str],
     samples: list[Sample],
     accuracies: list[float],
     lengths: list[int],
-    coef: float = BONUS_COEF,
-    min_len: int = BONUS_MIN_LEN,
+    bonus_coef: float = BONUS_COEF,
+    bonus_min_len: int = BONUS_MIN_LEN,
     nested_observe: bool = False,
-    requires_format: bool = True,
+    bonus_requires_format: bool = True,
+    **_,
 ) -> list[float]:
-    """+coef for the shortest correct response of ONE group, if it has more than `min_len` tokens.
+    """+bonus_coef for the shortest correct response of ONE group, if it has more than `bonus_min_len` tokens.
 
-    Correct means accuracy 1 AND (ours, `requires_format`) a passing format check: otherwise dropping
+    Correct means accuracy 1 AND (ours, `bonus_requires_format`) a passing format check: otherwise dropping
     the observation and the tags would be the cheapest way to be shortest, and the bonus would pay for
     breaking the format (this also keeps the totals to 0, 0.5, 1, 1.5, 1.7). The authors' code pays a
-    malformed correct response too: `requires_format=False`. If the shortest correct response has
-    `min_len` tokens or fewer nobody gets the bonus (ℓ stops the model from skipping its reasoning);
+    malformed correct response too: `bonus_requires_format=False`. If the shortest correct response has
+    `bonus_min_len` tokens or fewer nobody gets the bonus (ℓ stops the model from skipping its reasoning);
     with no correct response nobody gets it (unlike the authors' code). Ties: the first in group
     order, so exactly one response is "the shortest".
     """
@@ -197,12 +199,12 @@ def bonus_reward(
     correct = [
         i
         for i, (c, acc) in enumerate(zip(completions, accuracies, strict=True))
-        if acc >= 1.0 and (not requires_format or parse(c, nested_observe=nested_observe).format_ok)
+        if acc >= 1.0 and (not bonus_requires_format or parse(c, nested_observe=nested_observe).format_ok)
     ]
     if correct:
         best = min(correct, key=lambda i: lengths[i])
-        if lengths[best] > min_len:
-            out[best] = coef
+        if lengths[best] > bonus_min_len:
+            out[best] = bonus_coef
     return out
 
 
@@ -214,31 +216,7 @@ def _format(completions: list[str], samples: list[Sample], nested_observe: bool 
     return [format_reward(c, s, nested_observe) for c, s in zip(completions, samples, strict=True)]
 
 
-@group_reward
-def _bonus(
-    completions,
-    samples,
-    accuracies,
-    lengths,
-    bonus_coef,
-    bonus_min_len,
-    nested_observe,
-    bonus_requires_format,
-    **_,
-):
-    return bonus_reward(
-        completions,
-        samples,
-        accuracies,
-        lengths,
-        bonus_coef,
-        bonus_min_len,
-        nested_observe,
-        bonus_requires_format,
-    )
-
-
-BUILTINS: dict[str, RewardFn] = {"accuracy": _accuracy, "format": _format, "bonus": _bonus}
+BUILTINS: dict[str, RewardFn] = {"accuracy": _accuracy, "format": _format, "bonus": bonus_reward}
 
 
 def load_reward(spec: str) -> RewardFn:
