@@ -96,6 +96,14 @@ def _ask(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from train.cli import run
+
+    code = run(args, stage=args.stage)
+    if code:
+        sys.exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="observe-r1", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="ask a running server one question with images (openai client)")
     add_ask_arguments(p)
     p.set_defaults(func=_ask)
+
+    from train.cli import add_arguments as add_train_arguments
+
+    p = sub.add_parser("train", help="Observe-R1 GRPO on DeepSpeed from a YAML config (train/configs/)")
+    add_train_arguments(p)
+    p.set_defaults(func=_train, stage="grpo")
+    p = sub.add_parser("sft", help="supervised warm start on formatted answers (same engine as train)")
+    add_train_arguments(p)
+    p.set_defaults(func=_train, stage="sft")
     return parser
 
 

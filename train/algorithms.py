@@ -276,6 +276,21 @@ def kl_in_reward(
     return rewards.float() - coef * masked_sum(kl, mask, dim=-1)
 
 
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(z / temperature)[id] per position: (N, T, V), (N, T) -> (N, T) float32.
+
+    log p = z_id / tau - logsumexp(z / tau), one row at a time in float32, so bfloat16 logits of a
+    long completion never get a full float32 (N, T, V) copy (TRL's selective_log_softmax does the
+    same). Dividing by the sampling temperature scores tokens under the distribution they were
+    sampled from, as TRL and verl do.
+    """
+    rows = []
+    for z, i in zip(logits, ids, strict=True):
+        z = z.float() / temperature
+        rows.append(z.gather(-1, i[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1))
+    return torch.stack(rows)
+
+
 def token_entropy(logits: torch.Tensor, chunk_size: int = ENTROPY_CHUNK) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits) per position: (..., V) -> (...) float32.
 

@@ -251,12 +251,17 @@ def _call(spec: str, fn: Callable, completions: list[str], samples: list[Sample]
 
 @dataclass
 class RewardBreakdown:
-    """The weighted, clamped total per response and each component's raw (unweighted) values."""
+    """The weighted, clamped total per response and each component's raw (unweighted) values.
+
+    `accuracy` is every response's 0/1 answer check, whether or not accuracy is a reward component:
+    the dynamic weight and the difficulty prior read the group accuracy from it.
+    """
 
     total: list[float]
     components: dict[str, list[float]]
     weights: dict[str, float]
     metrics: dict[str, float]
+    accuracy: list[float]
 
 
 def compute_rewards(
@@ -275,8 +280,9 @@ def compute_rewards(
     """Total = Σ weight · component for a batch of consecutive groups of `group_size` responses.
 
     `components` maps a built-in name or a `module:function` spec to its weight. The metrics are
-    the mean of the total and of each component, plus `format_rate` (share of responses passing
-    the format check) and `bonus_rate` (share of groups where someone got the bonus).
+    the mean of the total and of each component, plus `accuracy` and `format_rate` (shares of
+    responses with a correct answer and passing the format check, rewarded or not) and, with the
+    bonus on, `bonus_rate` (share of groups where someone got the bonus).
     """
     n = len(completions)
     if group_size < 1 or n % group_size or len(samples) != n or len(lengths) != n:
@@ -309,10 +315,10 @@ def compute_rewards(
     total = [sum(components[s] * values[s][i] for s in components) for i in range(n)]
     if clamp is not None:
         total = [min(max(t, -clamp), clamp) for t in total]
-    metrics = {"reward/total": sum(total) / max(n, 1)}
+    metrics = {"reward/total": sum(total) / max(n, 1), "accuracy": sum(accuracies) / max(n, 1)}
     metrics |= {f"reward/{s}": sum(v) / max(n, 1) for s, v in values.items()}
-    if "format" in values:
-        metrics["format_rate"] = sum(v > 0 for v in values["format"]) / max(n, 1)
+    formats = values["format"] if "format" in values else _format(completions, samples, nested_observe)
+    metrics["format_rate"] = sum(v > 0 for v in formats) / max(n, 1)
     if "bonus" in values:
         metrics["bonus_rate"] = sum(v > 0 for v in values["bonus"]) / max(n // group_size, 1)
-    return RewardBreakdown(total, values, dict(components), metrics)
+    return RewardBreakdown(total, values, dict(components), metrics, accuracies)

@@ -219,10 +219,13 @@ class TransformersRollout(RolloutEngine):
     returned tensors can enter the update's autograd graph.
     """
 
-    def __init__(self, model, processor, share_prefill: bool = True):
+    def __init__(self, model, processor, share_prefill: bool = True, synced_gpus: bool = False):
         self.model = model
         self.processor = processor
         self.share_prefill = share_prefill
+        # ZeRO-3 with several ranks: every rank must run every decoding step (each forward gathers
+        # weights from all ranks), even after its own rows have finished.
+        self.synced_gpus = synced_gpus
         tokenizer = processor.tokenizer
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -294,7 +297,8 @@ class TransformersRollout(RolloutEngine):
     def _generate_repeated(self, inputs: list[dict], group_size: int, config: GenerationConfig):
         """Reference path: every prompt G times in the batch (vision tower and prefill run G times)."""
         batch = self._to_device(_collate([p for p in inputs for _ in range(group_size)], self.pad_id))
-        return self.model.generate(**batch, generation_config=config), batch["input_ids"].shape[1]
+        output = self.model.generate(**batch, generation_config=config, synced_gpus=self.synced_gpus)
+        return output, batch["input_ids"].shape[1]
 
     def _generate_shared(self, inputs: list[dict], group_size: int, config: GenerationConfig):
         """Prefill the P prompts once, less their last token, then continue G-fold from the cache.
@@ -315,6 +319,7 @@ class TransformersRollout(RolloutEngine):
             position_ids=positions.repeat_interleave(group_size, 1),
             past_key_values=cache,
             generation_config=config,
+            synced_gpus=self.synced_gpus,
         )
         return output, batch["input_ids"].shape[1]
 

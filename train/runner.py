@@ -1,0 +1,257 @@
+"""The run shared by GRPO and the SFT warm start: set-up, the step loop, checkpoints, export, curves.
+
+A subclass says how many samples one step reads (`stream_batch`), how many optimizer updates a
+step makes (`updates_per_step`, for the LR schedule) and what a step does (`step`); everything a
+user relies on across both (resume, atomic checkpoints, SIGTERM, progress bar, JSONL and
+TensorBoard metrics, the PNG, the Hugging Face export) lives here once.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from observe_r1.config import ConfigError, save_config
+from observe_r1.data import Sample, load_samples
+from observe_r1.format import SYSTEM_PROMPT
+from observe_r1.modeling import load_model, load_processor
+from train import checkpoint
+from train.config import grad_accumulation
+from train.engine import (
+    deepspeed_config,
+    device_for_rank,
+    init_distributed,
+    initialize,
+    make_optimizer,
+    make_scheduler,
+)
+from train.prompts import PromptStream
+from train.tracking import CURVES_FILE, METRICS_FILE, Tracker, plot_curves
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_training_samples(paths: list[Path], max_samples: int | None) -> list[Sample]:
+    """Every file's rows in the order given, cut to the first `max_samples` (the paper: 20,000)."""
+    samples = [s for path in paths for s in load_samples(path)]
+    return samples[:max_samples] if max_samples else samples
+
+
+def prepare_model(path: str, gradient_checkpointing: bool, freeze_vision_tower: bool):
+    """The policy as loaded for training: fp32 weights (DeepSpeed casts to bf16 itself), optional
+    gradient checkpointing (non-reentrant, so frozen inputs still get gradients), optional frozen
+    vision tower."""
+    model = load_model(path, dtype="fp32")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if freeze_vision_tower:
+        model.model.visual.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    rollouts: list[dict]  # rows for rollouts.jsonl (all ranks); may be empty
+
+
+class Runner(abc.ABC):
+    """Builds the DeepSpeed engine from a validated config, resumes, and runs `train()`.
+
+    The config needs the sections model, data, optim, deepspeed, checkpoint, logging and the
+    fields seed and max_steps (TrainConfig and SFTConfig both have them).
+    """
+
+    name = "run"
+    postfix_keys: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def stream_batch(self) -> int:
+        """Samples one step reads, all ranks together (a multiple of the world size)."""
+
+    @abc.abstractmethod
+    def updates_per_step(self) -> int:
+        """Optimizer updates one step makes."""
+
+    @abc.abstractmethod
+    def step(self) -> StepResult:
+        """One step: read `stream_batch` samples (this rank's share), update, return the metrics."""
+
+    def __init__(self, cfg, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.rank, self.world = init_distributed()
+        batch = self.stream_batch()
+        if batch % self.world:
+            raise ConfigError(f"{self.name}: a step's {batch} samples do not split over {self.world} ranks")
+        self.device = device_for_rank()
+        seed_everything(cfg.seed + self.rank)
+        self.output_dir = Path(cfg.checkpoint.output_dir)
+        self.system_prompt = SYSTEM_PROMPT if cfg.data.system_prompt is None else cfg.data.system_prompt or None
+
+        samples = load_training_samples(cfg.data.paths, cfg.data.max_samples)
+        self.stream = PromptStream(samples, batch, cfg.optim.epochs, cfg.data.shuffle, cfg.seed)
+        self.total_steps = min(cfg.max_steps or self.stream.total_steps, self.stream.total_steps)
+        if cfg.max_steps and cfg.max_steps > self.stream.total_steps:
+            log.warning(
+                "max_steps %d is more than the data gives (%d steps of %d samples); stopping at %d",
+                cfg.max_steps, self.stream.total_steps, batch, self.total_steps,
+            )
+
+        self.processor = load_processor(cfg.model.path)
+        model = prepare_model(cfg.model.path, cfg.model.gradient_checkpointing, cfg.model.freeze_vision_tower)
+        opt, ds = cfg.optim, cfg.deepspeed
+        self.grad_accumulation = grad_accumulation(cfg, self.world)
+        self.ds_config = deepspeed_config(
+            train_batch=opt.train_batch,
+            micro_batch=opt.micro_batch,
+            grad_accumulation=self.grad_accumulation,
+            zero_stage=ds.zero_stage,
+            bf16=cfg.model.dtype == "bf16",
+            grad_clip=opt.grad_clip,
+            offload=ds.offload,
+            extra=ds.extra,
+        )
+        optimizer = make_optimizer(
+            model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, offload=ds.offload
+        )
+        scheduler = make_scheduler(
+            optimizer,
+            total_steps=self.total_steps * self.updates_per_step(),
+            warmup_ratio=opt.warmup_ratio,
+            min_lr_ratio=opt.min_lr_ratio,
+        )
+        self.engine = initialize(model, self.ds_config, optimizer, scheduler)
+        self.start_step = 0
+        self._stop_requested = False
+
+    def _rank_slice(self, batch: list[Sample]) -> list[Sample]:
+        per_rank = len(batch) // self.world
+        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def _resume(self) -> int:
+        """Restore the latest (or the named) checkpoint; returns the step to continue after."""
+        resume = self.cfg.checkpoint.resume
+        checkpoint.remove_partial(self.output_dir)
+        if resume == "none":
+            if checkpoint.list_checkpoints(self.output_dir):
+                raise ConfigError(
+                    f"checkpoint.resume=none but {self.output_dir} already holds checkpoints;"
+                    " resume with checkpoint.resume=auto or pick a new checkpoint.output_dir"
+                )
+            return 0
+        path = checkpoint.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return 0
+        state = checkpoint.load(self.engine, path)
+        self.stream.load_state_dict(state["stream"])
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return int(state["step"])
+
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return metrics
+        import torch.distributed as dist
+
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return dict(zip(keys, (values / self.world).tolist(), strict=True))
+
+    def gather(self, rows: list[dict]) -> list[dict]:
+        if self.world == 1:
+            return rows
+        import torch.distributed as dist
+
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, rows)
+        return [row for part in parts for row in part]
+
+    def _request_stop(self, signum, frame) -> None:
+        """SIGTERM (a pre-empted pod, Ctrl-C on the launcher): finish this step, checkpoint, exit."""
+        log.warning("signal %d: stopping after this step with a checkpoint", signum)
+        self._stop_requested = True
+
+    def _save(self, step: int) -> None:
+        checkpoint.save(
+            self.engine, self.output_dir, step, {"stream": self.stream.state_dict()}, self.cfg.checkpoint.keep_last
+        )
+
+    def train(self) -> dict[str, Any]:
+        """Run steps `start_step + 1 .. total_steps` with checkpoints, then export and plot.
+
+        Returns a summary: the step reached, the last checkpoint, the export and curve paths."""
+        cfg = self.cfg
+        self.start_step = self._resume()
+        tracker = Tracker(
+            self.output_dir,
+            enabled=self.rank == 0,
+            jsonl=cfg.logging.jsonl,
+            tensorboard=cfg.logging.tensorboard,
+            start_step=self.start_step,
+        )
+        if self.rank == 0:
+            save_config(cfg, self.output_dir / "config.yaml")
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        bar = self._progress_bar()
+        step = saved = self.start_step
+        try:
+            while step < self.total_steps and not self._stop_requested:
+                result = self.step()
+                step += 1
+                if step % cfg.logging.log_every == 0:
+                    tracker.log(step, result.metrics)
+                    tracker.log_rollouts(step, result.rollouts)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{result.metrics[k]:.3f}" for k in self.postfix_keys if k in result.metrics})
+                every = cfg.checkpoint.save_every
+                if (every and step % every == 0) or step == self.total_steps or self._stop_requested:
+                    self._save(step)
+                    saved = step
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if bar is not None:
+                bar.close()
+            tracker.close()
+        summary: dict[str, Any] = {
+            "start_step": self.start_step, "step": step, "total_steps": self.total_steps, "checkpoint_step": saved
+        }
+        if step == self.total_steps and cfg.checkpoint.export_hf:
+            summary["model"] = str(checkpoint.export_hf(self.engine, self.processor, self.output_dir / "model"))
+        if self.rank == 0 and cfg.logging.plot_png:
+            png = plot_curves(self.output_dir / METRICS_FILE, self.output_dir / CURVES_FILE, title=self.name)
+            summary["curves"] = str(png) if png else None
+        return summary
+
+    def _progress_bar(self):
+        if self.rank != 0 or not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.total_steps, initial=self.start_step, desc=self.name, unit="step", dynamic_ncols=True
+        )
+
+
+def reference_model(path: str, dtype: str, zero_stage: int, ds_config: dict, device: torch.device):
+    """A frozen model for KL: partitioned like the policy under ZeRO-3, else a plain copy on `device`."""
+    ref = load_model(path, dtype=dtype).eval().requires_grad_(False)
+    if zero_stage == 3:
+        return initialize(ref, {**ds_config, "zero_optimization": {"stage": 3}}).module
+    return ref.to(device)

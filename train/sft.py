@@ -1,0 +1,142 @@
+"""`observe-r1 sft`: a short supervised warm start on formatted answers, on the GRPO trainer's engine.
+
+A random or untuned model almost never writes `<observe>…</observe><think>…</think><answer>…</answer>`,
+so every GRPO group scores the same and the advantages vanish. A few SFT steps on well-formed
+targets give the format reward something to work with. The target of a row is its own `response`
+field when it has one (a full formatted answer), else `observe_r1.format.format_response` of its
+`observation` and `reasoning` fields (or the config's defaults) and its gold answer.
+
+The loss is the token mean of -log p(target) over the response tokens (the prompt is not
+trained), computed through the same `RolloutBatch.model_inputs` as the GRPO update, so images
+are encoded the same way in both stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from observe_r1.config import ConfigError, load_config
+from observe_r1.data import Sample
+from observe_r1.format import format_response
+from train import algorithms
+from train.config import CheckpointConfig, DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, OptimConfig
+from train.rollout import END_OF_TURN, RolloutBatch, process_prompt
+from train.runner import Runner, StepResult
+
+DEFAULT_OBSERVATION = "I look at the image for what the question asks about."  # ours
+DEFAULT_REASONING = "I check what I see against the question and give the answer."  # ours
+
+
+@dataclass
+class TargetConfig:
+    """Where a row's SFT target comes from (row fields first, then these defaults)."""
+
+    response_field: str = "response"
+    observation_field: str = "observation"
+    reasoning_field: str = "reasoning"
+    default_observation: str = DEFAULT_OBSERVATION
+    default_reasoning: str = DEFAULT_REASONING
+    max_target_tokens: int = 1024
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig
+    data: DataConfig
+    target: TargetConfig = field(default_factory=TargetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # set lr and batch for SFT in the YAML
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 42
+    max_steps: int | None = None  # None: optim.epochs passes over the data
+
+    def __post_init__(self):
+        opt = self.optim
+        if opt.train_batch < 1 or opt.micro_batch < 1 or opt.train_batch % opt.micro_batch:
+            raise ConfigError("optim.micro_batch: must be >= 1 and divide optim.train_batch")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps: must be >= 1 (got {self.max_steps})")
+        if not self.data.paths:
+            raise ConfigError("data.paths: needs at least one data file")
+
+
+def load_sft_config(path, overrides=()) -> SFTConfig:
+    return load_config(SFTConfig, path, overrides)
+
+
+def sft_target(sample: Sample, target: TargetConfig) -> str:
+    """The formatted response to imitate for `sample` (its own, or built from its fields)."""
+    own = sample.extra.get(target.response_field)
+    if isinstance(own, str) and own.strip():
+        return own
+    observation = sample.extra.get(target.observation_field) or target.default_observation
+    reasoning = sample.extra.get(target.reasoning_field) or target.default_reasoning
+    return format_response(str(observation), str(reasoning), sample.answer)
+
+
+class SFTTrainer(Runner):
+    """One step = one optimizer update of `optim.train_batch` samples (all ranks)."""
+
+    name = "SFT"
+    postfix_keys = ("loss", "token_accuracy")
+
+    def stream_batch(self) -> int:
+        return self.cfg.optim.train_batch
+
+    def updates_per_step(self) -> int:
+        return 1
+
+    def _batch(self, samples: list[Sample]) -> RolloutBatch:
+        """Prompts and tokenised targets (ending in the end-of-turn token) as a group-size-1 batch."""
+        tokenizer = self.processor.tokenizer
+        limit = self.cfg.target.max_target_tokens
+        prompts = [process_prompt(self.processor, s, s.question, self.system_prompt) for s in samples]
+        targets = [tokenizer(sft_target(s, self.cfg.target) + END_OF_TURN).input_ids[:limit] for s in samples]
+        width = max(len(t) for t in targets)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(samples), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, target in enumerate(targets):
+            ids[row, : len(target)] = torch.tensor(target)
+            mask[row, : len(target)] = 1
+        return RolloutBatch(
+            samples=samples,
+            prompt_inputs=prompts,
+            group_size=1,
+            completion_ids=ids,
+            completion_mask=mask,
+            texts=[sft_target(s, self.cfg.target) for s in samples],
+            finish_reasons=["stop"] * len(samples),
+            pad_id=pad,
+            timing={},
+        )
+
+    def step(self) -> StepResult:
+        samples = self._rank_slice(self.stream.next_batch())
+        batch = self._batch(samples)
+        model, engine = self.engine.module, self.engine
+        size = self.cfg.optim.micro_batch
+        losses, correct, norm = [], [], None
+        for start in range(0, len(samples), size):
+            rows = list(range(start, min(start + size, len(samples))))
+            inputs, first = batch.model_inputs(model, rows)
+            logits = model(**inputs, use_cache=False).logits[:, first - 1 : -1]
+            ids = batch.completion_ids[rows].to(logits.device)
+            mask = batch.completion_mask[rows].to(logits.device)
+            loss = -algorithms.masked_mean(algorithms.token_logprobs(logits, ids), mask)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            correct.append(algorithms.masked_mean((logits.argmax(-1) == ids).float(), mask).item())
+            if boundary:
+                norm = engine.get_global_grad_norm()
+        metrics = {"loss": sum(losses) / len(losses), "token_accuracy": sum(correct) / len(correct)}
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        metrics = self.mean_over_ranks(metrics)
+        metrics["lr"] = self.engine.get_lr()[0]
+        return StepResult(metrics, [])

@@ -1,0 +1,211 @@
+"""The Observe-R1 GRPO loop on DeepSpeed: rollout -> rewards -> weighted advantages -> PPO-clip updates.
+
+One step (REFERENCE.md, "Training hyperparameters"): `rollout.prompts_per_step` prompts, split
+evenly over the ranks, each answered `group_size` times by the current policy; rewards and
+group advantages are computed per rank (a group never spans ranks); then `algorithm.ppo_epochs`
+passes of optimizer updates of `optim.train_batch` responses (all ranks), each made of
+micro-batches of `optim.micro_batch` responses that DeepSpeed accumulates.
+
+Micro-batches take responses in group order, not shuffled: the G responses of a prompt then
+share one vision-tower pass in the update (RolloutBatch.model_inputs), which is most of the
+saving over a per-completion pipeline. The math lives in train/algorithms.py and
+train/rewards.py; this module only moves tensors between them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from observe_r1.config import ConfigError
+from observe_r1.data import Sample
+from train import algorithms
+from train.config import TrainConfig, validate_paths
+from train.prompts import hint_for, prompt_text
+from train.rewards import compute_rewards
+from train.rollout import RolloutBatch, SamplingSettings, TransformersRollout
+from train.runner import Runner, StepResult, reference_model
+
+
+class GRPOTrainer(Runner):
+    """Observe-R1 GRPO from a `TrainConfig`; `train()` runs or resumes the run."""
+
+    name = "GRPO"
+    postfix_keys = ("reward/total", "accuracy", "format_rate")
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        validate_paths(cfg)
+        if cfg.rollout.engine == "vllm":
+            raise ConfigError("rollout.engine: the vLLM rollout engine is not available yet; use transformers")
+        super().__init__(cfg, progress)
+        alg = cfg.algorithm
+        self.ref = None
+        if alg.needs_ref_model:
+            self.ref = reference_model(
+                cfg.model.ref_path or cfg.model.path, cfg.model.dtype, cfg.deepspeed.zero_stage, self.ds_config,
+                self.device,
+            )
+        zero3_multi = cfg.deepspeed.zero_stage == 3 and self.world > 1
+        self.rollout = TransformersRollout(self.engine.module, self.processor, synced_gpus=zero3_multi)
+
+    def stream_batch(self) -> int:
+        return self.cfg.rollout.prompts_per_step
+
+    def updates_per_step(self) -> int:
+        responses = self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
+        return responses // self.cfg.optim.train_batch * self.cfg.algorithm.ppo_epochs
+
+    def _rollout(self, samples: list[Sample]) -> RolloutBatch:
+        hints = self.cfg.hints
+        prompts = [
+            prompt_text(s, hint_for(s, hints.enabled, hints.text, hints.difficulty_threshold), hints.position)
+            for s in samples
+        ]
+        ro = self.cfg.rollout
+        settings = SamplingSettings(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens)
+        self.engine.module.eval()
+        try:
+            return self.rollout.generate(samples, prompts, ro.group_size, settings, self.system_prompt)
+        finally:
+            self.engine.module.train()
+
+    def _logprobs(self, model, batch: RolloutBatch, rows: list[int], with_entropy: bool = False):
+        """Log-probs (n, T) of the sampled completion tokens of `rows` under `model`, and optionally
+        the mean token entropy of its distribution there."""
+        inputs, start = batch.model_inputs(model, rows)
+        logits = model(**inputs, use_cache=False).logits[:, start - 1 : -1]
+        ids = batch.completion_ids[rows].to(logits.device)
+        logprobs = algorithms.token_logprobs(logits, ids, self.cfg.rollout.temperature)
+        if not with_entropy:
+            return logprobs, None
+        with torch.no_grad():
+            mask = batch.completion_mask[rows].to(logits.device)
+            entropy = algorithms.entropy_from_logits(logits.detach() / self.cfg.rollout.temperature, mask)
+        return logprobs, entropy
+
+    def _micro_batches(self, n: int) -> list[list[int]]:
+        size = self.cfg.optim.micro_batch
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    @torch.no_grad()
+    def _score(self, model, batch: RolloutBatch) -> torch.Tensor:
+        """Log-probs of every response under `model`, without gradients, micro-batch by micro-batch."""
+        return torch.cat(
+            [self._logprobs(model, batch, rows)[0] for rows in self._micro_batches(len(batch.texts))]
+        )
+
+    def _advantages(self, rewards: torch.Tensor, accuracy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group advantages times the per-group weight (Observe-R1 4σd(1-d), difficulty prior)."""
+        alg, g = self.cfg.algorithm, self.cfg.rollout.group_size
+        adv = algorithms.group_advantages(rewards, g, alg.normalize_std, alg.unbiased_std, alg.adv_eps)
+        p = algorithms.group_accuracy(accuracy, g)
+        observe_w = algorithms.observe_r1_weight(p, alg.weight_sigma) if alg.observe_weight else torch.ones_like(p)
+        prior = alg.difficulty_prior
+        prior_w = algorithms.DIFFICULTY_WEIGHTS[prior.kind](p, **prior.weight_kwargs())
+        weights = algorithms.combine_weights(observe_w, prior_w, prior.combine)
+        return algorithms.apply_group_weights(adv, weights, g), weights
+
+    def _update(self, batch: RolloutBatch, adv: torch.Tensor, old_lp, ref_lp) -> dict[str, float]:
+        """PPO-clip updates over the step's responses; returns the means of the per-micro-batch stats."""
+        alg, engine = self.cfg.algorithm, self.engine
+        model = engine.module
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def add(key: str, value) -> None:
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+
+        for _ in range(alg.ppo_epochs):
+            for rows in self._micro_batches(len(batch.texts)):
+                logprobs, entropy = self._logprobs(model, batch, rows, with_entropy=True)
+                mask = batch.completion_mask[rows].to(logprobs.device)
+                old = logprobs.detach() if old_lp is None else old_lp[rows].to(logprobs.device)
+                loss, stats = algorithms.policy_loss(
+                    logprobs, old, adv[rows].to(logprobs.device), mask, alg.clip_low, alg.clip_high,
+                    alg.agg, self.cfg.rollout.max_new_tokens,
+                )
+                if ref_lp is not None:
+                    ref = ref_lp[rows].to(logprobs.device)
+                    add("kl", algorithms.masked_mean(algorithms.kl_penalty(logprobs.detach(), ref, alg.kl_kind), mask))
+                    if alg.kl_mode == "loss":
+                        loss = loss + algorithms.kl_loss(
+                            logprobs, ref, mask, alg.kl_coef, alg.kl_kind, alg.agg, self.cfg.rollout.max_new_tokens
+                        )
+                boundary = engine.is_gradient_accumulation_boundary()
+                engine.backward(loss)
+                engine.step()
+                add("loss", loss.detach())
+                add("entropy", entropy)
+                for key in ("clip_ratio", "approx_kl"):
+                    add(key, stats[key])
+                if boundary:
+                    norm = engine.get_global_grad_norm()
+                    if norm is not None:
+                        add("grad_norm", norm)
+        return {k: sums[k] / counts[k] for k in sums}
+
+    def step(self) -> StepResult:
+        """One rollout and its updates; metrics are averaged over ranks."""
+        cfg, g = self.cfg, self.cfg.rollout.group_size
+        started = time.perf_counter()
+        samples = self._rank_slice(self.stream.next_batch())
+        batch = self._rollout(samples)
+        rolled = time.perf_counter()
+        lengths = batch.completion_lengths
+        rw = cfg.reward
+        breakdown = compute_rewards(
+            batch.texts,
+            [s for s in samples for _ in range(g)],
+            lengths.tolist(),
+            g,
+            rw.components,
+            nested_observe=rw.nested_observe,
+            bonus_coef=rw.bonus_coef,
+            bonus_min_len=rw.bonus_min_len,
+            bonus_requires_format=rw.bonus_requires_format,
+            clamp=rw.clamp,
+        )
+        rewards = torch.tensor(breakdown.total)
+        scored = time.perf_counter()
+        alg = cfg.algorithm
+        off_policy = self.updates_per_step() > 1
+        old_lp = self._score(self.engine.module, batch) if off_policy else None
+        ref_lp = self._score(self.ref, batch) if self.ref is not None else None
+        if ref_lp is not None and alg.kl_mode == "reward":
+            policy_lp = old_lp if old_lp is not None else self._score(self.engine.module, batch)
+            kl = algorithms.kl_penalty(policy_lp, ref_lp, alg.kl_kind)
+            rewards = algorithms.kl_in_reward(rewards, kl, batch.completion_mask, alg.kl_coef)
+        adv, weights = self._advantages(rewards, torch.tensor(breakdown.accuracy))
+        update = self._update(batch, adv, old_lp, ref_lp)
+        done = time.perf_counter()
+
+        metrics = {
+            **breakdown.metrics,
+            **update,
+            "weight/mean": weights.mean().item(),
+            "weight/zero_share": (weights == 0).float().mean().item(),
+            "advantage/mean": adv.mean().item(),
+            "advantage/std": adv.std().item() if adv.numel() > 1 else 0.0,
+            "advantage/abs_max": adv.abs().max().item(),
+            "response_length/mean": lengths.float().mean().item(),
+            "response_length/max": lengths.max().item(),
+            "response_length/clipped_share": sum(r == "length" for r in batch.finish_reasons) / len(samples) / g,
+            "time/rollout_s": rolled - started,
+            "time/reward_s": scored - rolled,
+            "time/update_s": done - scored,
+        }
+        metrics = self.mean_over_ranks(metrics)
+        metrics["lr"] = self.engine.get_lr()[0]
+        metrics["time/step_s"] = time.perf_counter() - started
+        rollouts = [
+            {
+                "id": s.id,
+                "rewards": [round(r, 4) for r in breakdown.total[i * g : (i + 1) * g]],
+                "response": batch.texts[i * g],
+                "answer": s.answer,
+            }
+            for i, s in enumerate(samples)
+        ]
+        return StepResult(metrics, self.gather(rollouts))
