@@ -36,8 +36,14 @@ demo: setup
 	$(VENV)/bin/observe-r1 tiny-model $(DEMO_DIR)/model --size tiny --seed 0 --force
 	$(VENV)/bin/observe-r1 synth-data $(DEMO_DIR)/data --n 200 --seed 0 --force
 	$(VENV)/bin/observe-r1 chat --model $(DEMO_DIR)/model --sample $(DEMO_DIR)/data/data.jsonl --row 1 --seed 0
-	@echo "--- serving the model and asking it through the openai client"
-	$(VENV)/bin/observe-r1 serve --model $(DEMO_DIR)/model --served-model-name observe-r1-tiny \
+	@echo "--- SFT warm start on the format, then Observe-R1 GRPO (DeepSpeed ZeRO-2 on CPU)"
+	rm -rf $(DEMO_DIR)/sft $(DEMO_DIR)/train
+	$(VENV)/bin/observe-r1 sft --config train/configs/sft_tiny_cpu.yaml model.path=$(DEMO_DIR)/model \
+		data.paths=[$(DEMO_DIR)/data/data.jsonl] checkpoint.output_dir=$(DEMO_DIR)/sft
+	$(VENV)/bin/observe-r1 train --config train/configs/tiny_cpu.yaml model.path=$(DEMO_DIR)/sft/model \
+		data.paths=[$(DEMO_DIR)/data/data.jsonl] checkpoint.output_dir=$(DEMO_DIR)/train
+	@echo "--- serving the trained model and asking it through the openai client"
+	$(VENV)/bin/observe-r1 serve --model $(DEMO_DIR)/train/model --served-model-name observe-r1-tiny \
 		--port $(DEMO_PORT) --log-level warning & server=$$!; \
 	$(VENV)/bin/observe-r1 ask --base-url http://127.0.0.1:$(DEMO_PORT)/v1 --model observe-r1-tiny \
 		--image $(DEMO_DIR)/data/images/000002.png --question "Which bar is the tallest?" --seed 0 \

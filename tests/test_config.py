@@ -18,6 +18,7 @@ from train.config import (
     load_training_config,
     validate_paths,
 )
+from train.sft import load_sft_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
@@ -38,10 +39,11 @@ def error(tmp_path: Path, text: str = MINIMAL, overrides: tuple[str, ...] = ()) 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs_load_and_round_trip(path, tmp_path):
-    cfg = load_training_config(path)
+    load = load_sft_config if path.name.startswith("sft_") else load_training_config
+    cfg = load(path)
     save_config(cfg, tmp_path / "resolved.yaml")
-    assert load_training_config(tmp_path / "resolved.yaml") == cfg
-    assert config_to_dict(load_training_config(tmp_path / "resolved.yaml")) == config_to_dict(cfg)
+    assert load(tmp_path / "resolved.yaml") == cfg
+    assert config_to_dict(load(tmp_path / "resolved.yaml")) == config_to_dict(cfg)
 
 
 def test_paper_config_matches_the_released_script():

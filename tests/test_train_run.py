@@ -25,27 +25,51 @@ TINY = ROOT / "train" / "configs" / "tiny_cpu.yaml"
 # group, and plain GRPO weights (the Observe-R1 weight is 0 when accuracy is all-wrong) let it act.
 LEARNING = ["reward.components={plugins.rewards:letter_share: 1.0}", "algorithm.observe_weight=false"]
 STEP_KEYS = {
-    "reward/total", "accuracy", "format_rate", "weight/mean", "weight/zero_share",
-    "advantage/mean", "advantage/std", "response_length/mean", "clip_ratio", "entropy", "grad_norm",
-    "lr", "time/rollout_s", "time/update_s", "time/step_s", "loss",
+    "reward/total",
+    "accuracy",
+    "format_rate",
+    "weight/mean",
+    "weight/zero_share",
+    "advantage/mean",
+    "advantage/std",
+    "response_length/mean",
+    "clip_ratio",
+    "entropy",
+    "grad_norm",
+    "lr",
+    "time/rollout_s",
+    "time/update_s",
+    "time/step_s",
+    "loss",
 }
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train", "--config", str(TINY), "--no-progress", f"model.path={model}",
-        f"data.paths=[{data / 'data.jsonl'}]", f"checkpoint.output_dir={out}", *extra,
+        "train",
+        "--config",
+        str(TINY),
+        "--no-progress",
+        f"model.path={model}",
+        f"data.paths=[{data / 'data.jsonl'}]",
+        f"checkpoint.output_dir={out}",
+        *extra,
     ]
 
 
 def run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=900, env=env(), cwd=ROOT)
     if check and proc.returncode != 0:
-        raise AssertionError(f"observe-r1 {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"observe-r1 {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -111,7 +135,10 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, synth_dir,
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [*CLI, *train_args(tiny_model_dir, synth_dir, killed, *extra)],
-        env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 600
     while not (killed / "checkpoints" / "step-00000002" / TRAINER_STATE).exists():
@@ -126,8 +153,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, synth_dir,
     summary = json.loads(resumed.stdout[resumed.stdout.index("{") :])
     assert summary["start_step"] >= 2 and summary["step"] == 4
     ids = [r["id"] for r in read_jsonl(killed / "rollouts.jsonl")]
-    assert ids == [r["id"] for r in read_jsonl(straight / "rollouts.jsonl")] == [f"synth-{i:06d}" for i in range(16)]
-    for a, b in zip(read_jsonl(straight / "metrics.jsonl"), read_jsonl(killed / "metrics.jsonl"), strict=True):
+    assert (
+        ids
+        == [r["id"] for r in read_jsonl(straight / "rollouts.jsonl")]
+        == [f"synth-{i:06d}" for i in range(16)]
+    )
+    for a, b in zip(
+        read_jsonl(straight / "metrics.jsonl"), read_jsonl(killed / "metrics.jsonl"), strict=True
+    ):
         assert a["step"] == b["step"]
         assert a["reward/total"] == pytest.approx(b["reward/total"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
@@ -141,7 +174,8 @@ def test_zero3_on_two_ranks(tiny_model_dir, synth_dir, tmp_path):
     proc = run(
         [
             *train_args(tiny_model_dir, synth_dir, out, "max_steps=2", "deepspeed.zero_stage=3", *LEARNING),
-            "--nproc", "2",
+            "--nproc",
+            "2",
         ]
     )
     assert '"step": 2' in proc.stdout
@@ -180,8 +214,12 @@ def test_sft_then_grpo_raises_reward(tiny_model_dir, synth_dir, tmp_path):
     sft_out = tmp_path / "sft"
     run(
         [
-            "sft", "--config", str(ROOT / "train" / "configs" / "sft_tiny_cpu.yaml"), "--no-progress",
-            f"model.path={tiny_model_dir}", f"data.paths=[{synth_dir / 'data.jsonl'}]",
+            "sft",
+            "--config",
+            str(ROOT / "train" / "configs" / "sft_tiny_cpu.yaml"),
+            "--no-progress",
+            f"model.path={tiny_model_dir}",
+            f"data.paths=[{synth_dir / 'data.jsonl'}]",
             f"checkpoint.output_dir={sft_out}",
         ]
     )
@@ -191,4 +229,3 @@ def test_sft_then_grpo_raises_reward(tiny_model_dir, synth_dir, tmp_path):
     run(train_args(sft_out / "model", synth_dir, grpo, "max_steps=10", "checkpoint.save_every=0"))
     rewards = [r["reward/total"] for r in read_jsonl(grpo / "metrics.jsonl")]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards
-

@@ -17,23 +17,45 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, required=True, help="a YAML file, e.g. train/configs/tiny_cpu.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-5")
+    parser.add_argument(
+        "--config", type=Path, required=True, help="a YAML file, e.g. train/configs/tiny_cpu.yaml"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-5"
+    )
     parser.add_argument(
         "--resume",
         help="auto (latest checkpoint in the output folder, the default), none, or a checkpoint folder",
     )
-    parser.add_argument("--nproc", type=int, default=1, help="ranks on this machine (relaunches under torchrun)")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="ranks on this machine (relaunches under torchrun)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     parser.add_argument("--log-level", default="info")
 
 
 def _relaunch(args: argparse.Namespace) -> int:
-    """The same command under torchrun with `--nproc` ranks; returns torchrun's exit status."""
-    argv = [a for a in sys.argv[1:]]
+    """The same command under torchrun with `--nproc` ranks; returns torchrun's exit status.
+
+    `--nproc` itself is left out: torchrun would take it for its own `--nproc-per-node`, and the
+    ranks know their number from the environment it sets."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            argv.append(arg)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-        "-m", "observe_r1.cli", *argv,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "observe_r1.cli",
+        *argv,
     ]
     return subprocess.run(command, check=False).returncode
 

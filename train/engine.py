@@ -77,7 +77,9 @@ def _merge(base: dict, extra: dict) -> dict:
     """Recursive dict merge: `extra` wins; nested dicts merge key by key."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -146,7 +148,5 @@ def initialize(model, config: dict, optimizer=None, scheduler=None):
     """`deepspeed.initialize` with our config; returns the engine (which wraps `model`)."""
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
-    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine

@@ -27,7 +27,9 @@ class PromptStream:
     floor(n / b) batches, so every step sees distinct samples and the ladder's order inside a step.
     """
 
-    def __init__(self, samples: list[Sample], batch_size: int, epochs: int = 1, shuffle: bool = False, seed: int = 0):
+    def __init__(
+        self, samples: list[Sample], batch_size: int, epochs: int = 1, shuffle: bool = False, seed: int = 0
+    ):
         if len(samples) < batch_size:
             raise ValueError(
                 f"the data has {len(samples)} samples, fewer than one step's {batch_size} prompts"

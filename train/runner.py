@@ -102,7 +102,9 @@ class Runner(abc.ABC):
         self.device = device_for_rank()
         seed_everything(cfg.seed + self.rank)
         self.output_dir = Path(cfg.checkpoint.output_dir)
-        self.system_prompt = SYSTEM_PROMPT if cfg.data.system_prompt is None else cfg.data.system_prompt or None
+        self.system_prompt = (
+            SYSTEM_PROMPT if cfg.data.system_prompt is None else cfg.data.system_prompt or None
+        )
 
         samples = load_training_samples(cfg.data.paths, cfg.data.max_samples)
         self.stream = PromptStream(samples, batch, cfg.optim.epochs, cfg.data.shuffle, cfg.seed)
@@ -110,7 +112,10 @@ class Runner(abc.ABC):
         if cfg.max_steps and cfg.max_steps > self.stream.total_steps:
             log.warning(
                 "max_steps %d is more than the data gives (%d steps of %d samples); stopping at %d",
-                cfg.max_steps, self.stream.total_steps, batch, self.total_steps,
+                cfg.max_steps,
+                self.stream.total_steps,
+                batch,
+                self.total_steps,
             )
 
         self.processor = load_processor(cfg.model.path)
@@ -189,7 +194,11 @@ class Runner(abc.ABC):
 
     def _save(self, step: int) -> None:
         checkpoint.save(
-            self.engine, self.output_dir, step, {"stream": self.stream.state_dict()}, self.cfg.checkpoint.keep_last
+            self.engine,
+            self.output_dir,
+            step,
+            {"stream": self.stream.state_dict()},
+            self.cfg.checkpoint.keep_last,
         )
 
     def train(self) -> dict[str, Any]:
@@ -219,7 +228,9 @@ class Runner(abc.ABC):
                     tracker.log_rollouts(step, result.rollouts)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k: f"{result.metrics[k]:.3f}" for k in self.postfix_keys if k in result.metrics})
+                    bar.set_postfix(
+                        {k: f"{result.metrics[k]:.3f}" for k in self.postfix_keys if k in result.metrics}
+                    )
                 every = cfg.checkpoint.save_every
                 if (every and step % every == 0) or step == self.total_steps or self._stop_requested:
                     self._save(step)
@@ -230,10 +241,15 @@ class Runner(abc.ABC):
                 bar.close()
             tracker.close()
         summary: dict[str, Any] = {
-            "start_step": self.start_step, "step": step, "total_steps": self.total_steps, "checkpoint_step": saved
+            "start_step": self.start_step,
+            "step": step,
+            "total_steps": self.total_steps,
+            "checkpoint_step": saved,
         }
         if step == self.total_steps and cfg.checkpoint.export_hf:
-            summary["model"] = str(checkpoint.export_hf(self.engine, self.processor, self.output_dir / "model"))
+            summary["model"] = str(
+                checkpoint.export_hf(self.engine, self.processor, self.output_dir / "model")
+            )
         if self.rank == 0 and cfg.logging.plot_png:
             png = plot_curves(self.output_dir / METRICS_FILE, self.output_dir / CURVES_FILE, title=self.name)
             summary["curves"] = str(png) if png else None

@@ -21,7 +21,14 @@ from observe_r1.config import ConfigError, load_config
 from observe_r1.data import Sample
 from observe_r1.format import format_response
 from train import algorithms
-from train.config import CheckpointConfig, DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, OptimConfig
+from train.config import (
+    CheckpointConfig,
+    DataConfig,
+    DeepSpeedConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+)
 from train.rollout import END_OF_TURN, RolloutBatch, process_prompt
 from train.runner import Runner, StepResult
 

@@ -47,7 +47,9 @@ def truncate_after(path: Path, step: int) -> None:
 class Tracker:
     """Appends one JSON row per logged step and mirrors the numbers to TensorBoard."""
 
-    def __init__(self, output_dir: Path, *, enabled: bool, jsonl: bool, tensorboard: bool, start_step: int = 0):
+    def __init__(
+        self, output_dir: Path, *, enabled: bool, jsonl: bool, tensorboard: bool, start_step: int = 0
+    ):
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.jsonl = jsonl and enabled

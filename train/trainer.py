@@ -37,13 +37,18 @@ class GRPOTrainer(Runner):
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         validate_paths(cfg)
         if cfg.rollout.engine == "vllm":
-            raise ConfigError("rollout.engine: the vLLM rollout engine is not available yet; use transformers")
+            raise ConfigError(
+                "rollout.engine: the vLLM rollout engine is not available yet; use transformers"
+            )
         super().__init__(cfg, progress)
         alg = cfg.algorithm
         self.ref = None
         if alg.needs_ref_model:
             self.ref = reference_model(
-                cfg.model.ref_path or cfg.model.path, cfg.model.dtype, cfg.deepspeed.zero_stage, self.ds_config,
+                cfg.model.ref_path or cfg.model.path,
+                cfg.model.dtype,
+                cfg.deepspeed.zero_stage,
+                self.ds_config,
                 self.device,
             )
         zero3_multi = cfg.deepspeed.zero_stage == 3 and self.world > 1
@@ -63,7 +68,9 @@ class GRPOTrainer(Runner):
             for s in samples
         ]
         ro = self.cfg.rollout
-        settings = SamplingSettings(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens)
+        settings = SamplingSettings(
+            temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens
+        )
         self.engine.module.eval()
         try:
             return self.rollout.generate(samples, prompts, ro.group_size, settings, self.system_prompt)
@@ -100,7 +107,9 @@ class GRPOTrainer(Runner):
         alg, g = self.cfg.algorithm, self.cfg.rollout.group_size
         adv = algorithms.group_advantages(rewards, g, alg.normalize_std, alg.unbiased_std, alg.adv_eps)
         p = algorithms.group_accuracy(accuracy, g)
-        observe_w = algorithms.observe_r1_weight(p, alg.weight_sigma) if alg.observe_weight else torch.ones_like(p)
+        observe_w = (
+            algorithms.observe_r1_weight(p, alg.weight_sigma) if alg.observe_weight else torch.ones_like(p)
+        )
         prior = alg.difficulty_prior
         prior_w = algorithms.DIFFICULTY_WEIGHTS[prior.kind](p, **prior.weight_kwargs())
         weights = algorithms.combine_weights(observe_w, prior_w, prior.combine)
@@ -123,15 +132,32 @@ class GRPOTrainer(Runner):
                 mask = batch.completion_mask[rows].to(logprobs.device)
                 old = logprobs.detach() if old_lp is None else old_lp[rows].to(logprobs.device)
                 loss, stats = algorithms.policy_loss(
-                    logprobs, old, adv[rows].to(logprobs.device), mask, alg.clip_low, alg.clip_high,
-                    alg.agg, self.cfg.rollout.max_new_tokens,
+                    logprobs,
+                    old,
+                    adv[rows].to(logprobs.device),
+                    mask,
+                    alg.clip_low,
+                    alg.clip_high,
+                    alg.agg,
+                    self.cfg.rollout.max_new_tokens,
                 )
                 if ref_lp is not None:
                     ref = ref_lp[rows].to(logprobs.device)
-                    add("kl", algorithms.masked_mean(algorithms.kl_penalty(logprobs.detach(), ref, alg.kl_kind), mask))
+                    add(
+                        "kl",
+                        algorithms.masked_mean(
+                            algorithms.kl_penalty(logprobs.detach(), ref, alg.kl_kind), mask
+                        ),
+                    )
                     if alg.kl_mode == "loss":
                         loss = loss + algorithms.kl_loss(
-                            logprobs, ref, mask, alg.kl_coef, alg.kl_kind, alg.agg, self.cfg.rollout.max_new_tokens
+                            logprobs,
+                            ref,
+                            mask,
+                            alg.kl_coef,
+                            alg.kl_kind,
+                            alg.agg,
+                            self.cfg.rollout.max_new_tokens,
                         )
                 boundary = engine.is_gradient_accumulation_boundary()
                 engine.backward(loss)
@@ -191,7 +217,9 @@ class GRPOTrainer(Runner):
             "advantage/abs_max": adv.abs().max().item(),
             "response_length/mean": lengths.float().mean().item(),
             "response_length/max": lengths.max().item(),
-            "response_length/clipped_share": sum(r == "length" for r in batch.finish_reasons) / len(samples) / g,
+            "response_length/clipped_share": sum(r == "length" for r in batch.finish_reasons)
+            / len(samples)
+            / g,
             "time/rollout_s": rolled - started,
             "time/reward_s": scored - rolled,
             "time/update_s": done - scored,
