@@ -135,10 +135,15 @@ def accuracy(results_path: Path, task: str, metric: str | None) -> tuple[str, fl
 
 
 def responses(samples_path: Path) -> list[str]:
-    """The raw model response of each logged sample (the first one where a task asked for several)."""
+    """The raw model response of each logged sample (the first one where a task asked for several).
+
+    `resps` is the response before lmms-eval strips the reasoning tags, `filtered_resps` after; lmms-eval
+    leaves `resps` out when the two are equal (a response without those tags).
+    """
     out = []
     for line in samples_path.read_text().splitlines():
-        resps = json.loads(line)["resps"]
+        sample = json.loads(line)
+        resps = sample.get("resps", sample["filtered_resps"])
         while isinstance(resps, list):
             resps = resps[0] if resps else ""
         out.append(resps)
