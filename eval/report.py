@@ -120,10 +120,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for r in rows:
+    for i, r in enumerate(rows):
         x, y = r["tokens"]["total"]["mean"], 100 * r["accuracy"]
         ax.scatter(x, y)
-        ax.annotate(r["benchmark"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        offset = (4, 6) if i % 2 == 0 else (4, -12)  # neighbours' labels on alternate sides
+        ax.annotate(r["benchmark"], (x, y), textcoords="offset points", xytext=offset, fontsize=8)
+    longest = max((r["tokens"]["total"]["mean"] for r in rows), default=0)
+    ax.set_xlim(0, 1.3 * longest if longest > 0 else 1)  # room for the labels right of the points
+    ax.set_ylim(-3, 103)
     ax.set_xlabel("mean response length (tokens)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)

@@ -132,14 +132,15 @@ def check_server(base_url: str, model: str) -> None:
 
 
 def prepare_tasks(out: Path, local_data: Path | None, local: bool) -> Path:
-    """OUTPUT/lmms-tasks, the one folder lmms-eval's --include_path takes: a copy of eval/tasks whose local
-    tasks read a validated, normalised copy of the data (absolute image paths, the same columns in every
-    row, so lmms-eval's json loader reads any file observe_r1.data accepts)."""
+    """OUTPUT/lmms-tasks, the one folder lmms-eval's --include_path takes: a copy of eval/tasks in which
+    every task folder with a `_data_yaml` (the local tasks, and copies of them) reads a validated,
+    normalised copy of the local data (absolute image paths, the same columns in every row, so
+    lmms-eval's json loader reads any file observe_r1.data accepts)."""
     folder = out / "lmms-tasks"
     shutil.copytree(
         suites.TASKS_DIR, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
     )
-    if not local:
+    if not local and local_data is None:
         return folder
     from observe_r1.data import load_samples
 
@@ -159,10 +160,11 @@ def prepare_tasks(out: Path, local_data: Path | None, local: bool) -> Path:
         }
         for s in load_samples(local_data)
     ]
-    data = folder / "local" / "data.jsonl"
+    data = folder / "local-data.jsonl"
     atomic_write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     data_yaml = {"dataset_kwargs": {"data_files": {"test": str(data.resolve())}}}
-    atomic_write_text(folder / "local" / "_data_yaml", json.dumps(data_yaml) + "\n")  # JSON is YAML
+    for path in folder.rglob("_data_yaml"):
+        atomic_write_text(path, json.dumps(data_yaml) + "\n")  # JSON is YAML
     return folder
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, run_cli
 
 from eval import lmms
 
@@ -72,9 +73,8 @@ def test_local_suite_end_to_end_interrupted_and_resumed(server, tiny_model_dir, 
     assert (out / "report.md").read_text() in second.stdout
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
-    compared = run_eval("compare", str(out), str(out), "--output", str(tmp_path / "compare.md"))
-    assert compared.returncode == 0, compared.stderr
-    assert "| local multiple-choice |" in (tmp_path / "compare.md").read_text()
+    compared = run_cli("eval", "compare", str(out), str(out), "--output", str(tmp_path / "compare.md"))
+    assert "| local multiple-choice |" in compared.stdout == (tmp_path / "compare.md").read_text() + "\n"
 
     changed = run_eval(*eval_args(server, tiny_model_dir, synth_dir, out, "--max-new-tokens", "8"))
     assert changed.returncode == 2 and "holds a run with other settings" in changed.stderr
@@ -91,8 +91,6 @@ def test_server_errors_stop_the_run_without_a_report(start_server, tiny_model_di
 
 
 def test_server_down_is_a_clear_error(tiny_model_dir, synth_dir, tmp_path):
-    from conftest import free_port
-
     class Closed:
         base_url = f"http://127.0.0.1:{free_port()}"
 
