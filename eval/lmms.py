@@ -118,7 +118,9 @@ def outputs(out_dir: Path, task: str) -> tuple[Path, Path]:
     results = sorted(out_dir.rglob("*_results.json"))
     samples = sorted(out_dir.rglob(f"*_samples_{task}.jsonl"))
     if not results or not samples:
-        raise EvalError(f"lmms-eval wrote no results or no logged samples for '{task}' under {out_dir}")
+        raise EvalError(
+            f"lmms-eval wrote no results or no logged samples for '{task}' (its log: {out_dir / 'lmms-eval.log'})"
+        )
     return results[-1], samples[-1]
 
 

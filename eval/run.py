@@ -169,19 +169,17 @@ def prepare_tasks(out: Path, local_data: Path | None, local: bool) -> Path:
 
 
 def check_settings(out: Path, settings: dict) -> None:
-    """A restarted run must be the same run: refuse to mix results of other settings in one folder."""
+    """A restarted run must be the same run: finished tasks of other settings are not mixed into one report."""
     path = out / "run.json"
-    if path.exists():
+    if path.exists() and any((out / "done").glob("*.json")):
         old = json.loads(path.read_text())
         changed = [
             f"{k}: {old.get(k)!r} before, {settings[k]!r} now" for k in SETTINGS if old.get(k) != settings[k]
         ]
         if changed:
             raise EvalError(
-                f"{out} holds a run with other settings ({'; '.join(changed)}); use another --output"
+                f"{out} holds finished tasks of other settings ({'; '.join(changed)}); use another --output"
             )
-    else:
-        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
 def evaluate_task(bench, args, python, target, include_path, out, env, count_tokens) -> dict:
@@ -233,6 +231,9 @@ def run(args: argparse.Namespace) -> int:
         )
     count_tokens = report.token_counter(tokenizer)
     out = args.output or Path("runs/eval") / Path(args.model).name
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    settings["local_data"] = str(args.local_data) if args.local_data else None
+    check_settings(out, settings)
     include_path = prepare_tasks(out, args.local_data, local=any(b.is_local for b in benchmarks))
     if not all(b.is_local for b in benchmarks):
         log("checking the task names with lmms-eval ...")
@@ -242,9 +243,7 @@ def run(args: argparse.Namespace) -> int:
             raise EvalError(f"unknown lmms-eval task(s): {', '.join(unknown)}")
     if args.backend == "openai":
         check_server(args.base_url, args.model)
-    settings = {k: getattr(args, k, None) for k in SETTINGS}
-    settings["local_data"] = str(args.local_data) if args.local_data else None
-    check_settings(out, settings)
+    atomic_write_text(out / "run.json", json.dumps(settings, indent=2) + "\n")
 
     target = lmms.Target(args.backend, args.model, args.base_url, args.model_args)
     env = {

@@ -77,7 +77,7 @@ def test_local_suite_end_to_end_interrupted_and_resumed(server, tiny_model_dir, 
     assert "| local multiple-choice |" in compared.stdout == (tmp_path / "compare.md").read_text() + "\n"
 
     changed = run_eval(*eval_args(server, tiny_model_dir, synth_dir, out, "--max-new-tokens", "8"))
-    assert changed.returncode == 2 and "holds a run with other settings" in changed.stderr
+    assert changed.returncode == 2 and "holds finished tasks of other settings" in changed.stderr
 
 
 def test_server_errors_stop_the_run_without_a_report(start_server, tiny_model_dir, synth_dir, tmp_path):
