@@ -23,6 +23,7 @@ class Benchmark:
 
     @property
     def is_local(self) -> bool:
+        """A task of the local suite: it reads the --local-data file, and lmms-eval need not vouch for it."""
         return self.task in {b.task for b in load_suites()[LOCAL_SUITE]}
 
 
@@ -31,14 +32,17 @@ def _load() -> dict:
 
 
 def load_suites() -> dict[str, list[Benchmark]]:
+    """Suite name -> its benchmarks, in the file's order (the report's row order)."""
     return {name: [Benchmark(**entry) for entry in entries] for name, entries in _load()["suites"].items()}
 
 
 def reasoning_tags() -> list[list[str]]:
+    """The [start, end] tag pairs lmms-eval cuts out before scoring (its --reasoning_tags)."""
     return _load()["reasoning_tags"]
 
 
 def judge_env() -> dict:
+    """Judge setting -> the environment variables of lmms-eval's tasks that carry it."""
     return _load()["judge_env"]
 
 
