@@ -170,3 +170,24 @@ def test_lmms_eval_scores_the_answer_and_sees_the_raw_text(server, synth_dir):
         timeout=120,
     ).json()["choices"][0]["message"]  # fmt: skip
     assert got["content"] == direct["raw"]
+
+
+def test_judge_settings_become_the_variables_lmms_eval_tasks_read(monkeypatch):
+    import argparse
+
+    from eval import run, suites
+
+    general = suites.select("general", None)
+    args = argparse.Namespace(
+        judge_model="judge-1", judge_base_url="http://judge:9000/v1/", judge_api_key_env="MY_JUDGE_KEY"
+    )
+    monkeypatch.delenv("MY_JUDGE_KEY", raising=False)
+    with pytest.raises(lmms.EvalError, match=r"\$MY_JUDGE_KEY \(--judge-api-key-env\) is empty"):
+        run.judge_environment(general, args)
+    monkeypatch.setenv("MY_JUDGE_KEY", "k")
+    env = run.judge_environment(general, args)
+    assert env["JUDGE_MODEL_NAME"] == env["MODEL_VERSION"] == "judge-1"
+    assert env["JUDGE_BASE_URL"] == "http://judge:9000/v1"
+    assert env["OPENAI_API_URL"] == "http://judge:9000/v1/chat/completions"
+    assert env["JUDGE_API_KEY"] == env["OPENAI_API_KEY"] == "k"
+    assert env["USE_LLM_JUDGE"] == "True"
