@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised warm start on formatted answers (same engine as train)")
     add_train_arguments(p)
     p.set_defaults(func=_train, stage="sft")
+    sub.add_parser("eval", add_help=False, help="lmms-eval suites and the chain-length report (eval/run.py)")
     return parser
 
 
@@ -166,7 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     from observe_r1.data import DataError
     from observe_r1.modeling import ModelLoadError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "eval":  # every argument, --help included, belongs to eval/run.py
+        from eval.run import main as eval_main
+
+        return eval_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.func(args)
     except (DataError, ModelLoadError, FileExistsError, FileNotFoundError, ValueError, TimeoutError) as e:

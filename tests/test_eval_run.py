@@ -1,0 +1,193 @@
+"""eval/run.py for real: lmms-eval in .venv-eval against `observe-r1 serve` on the tiny model, local suite.
+
+Each lmms-eval start costs about 20 s here (it indexes its ~2,000 task files), so the end-to-end test
+does the interruption and the resume in one run of two tasks.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port, run_cli
+
+from eval import lmms
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = [sys.executable, str(REPO / "eval" / "run.py")]
+
+pytestmark = pytest.mark.skipif(
+    not (REPO / ".venv-eval" / "bin" / "python").exists(),
+    reason="lmms-eval's environment: run `make setup-eval`",
+)
+
+
+def eval_args(server, tiny_model_dir, synth_dir, out, *extra):
+    return [
+        "--suite", "local", "--model", "tiny", "--base-url", f"{server.base_url}/v1",
+        "--tokenizer", str(tiny_model_dir), "--local-data", str(synth_dir / "data.jsonl"),
+        "--limit", "4", "--max-new-tokens", "24", "--output", str(out), *extra,
+    ]  # fmt: skip
+
+
+def run_eval(*args, timeout=600):
+    return subprocess.run([*RUN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_local_suite_end_to_end_interrupted_and_resumed(server, tiny_model_dir, synth_dir, tmp_path):
+    out = tmp_path / "run"
+    args = eval_args(server, tiny_model_dir, synth_dir, out)
+    first = subprocess.Popen([*RUN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done_open = out / "done" / "observe_r1_local_open.json"
+    deadline = time.monotonic() + 300
+    while not done_open.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert done_open.exists(), first.communicate()
+    first.send_signal(signal.SIGINT)  # while the second task runs
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr
+    assert not (out / "report.json").exists() and not (out / "done" / "observe_r1_local_choice.json").exists()
+    finished_at = done_open.stat().st_mtime
+
+    second = run_eval(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[1/2] observe_r1_local_open: already done, skipping" in second.stderr
+    assert "[2/2] observe_r1_local_choice: running lmms-eval" in second.stderr
+    assert done_open.stat().st_mtime == finished_at
+
+    rows = json.loads((out / "report.json").read_text())["benchmarks"]
+    assert [r["task"] for r in rows] == ["observe_r1_local_open", "observe_r1_local_choice"]
+    for row in rows:
+        assert row["samples"] == 4 and row["metric"] == "accuracy"
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["format_rate"] <= 1
+        assert set(row["tokens"]) == {"observation", "reasoning", "answer", "total"}
+        assert row["tokens"]["total"]["mean"] > 0  # the random model says something
+        texts = lmms.responses(Path(row["samples_file"]))
+        assert len(texts) == 4 and not lmms.failures(texts)
+    assert "| local open-answer | `observe_r1_local_open` | 4 |" in second.stdout  # the table is printed
+    assert (out / "report.md").read_text() in second.stdout
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    compared = run_cli("eval", "compare", str(out), str(out), "--output", str(tmp_path / "compare.md"))
+    assert "| local multiple-choice |" in compared.stdout == (tmp_path / "compare.md").read_text() + "\n"
+
+    changed = run_eval(*eval_args(server, tiny_model_dir, synth_dir, out, "--max-new-tokens", "8"))
+    assert changed.returncode == 2 and "holds finished tasks of other settings" in changed.stderr
+
+
+def test_server_errors_stop_the_run_without_a_report(start_server, tiny_model_dir, synth_dir, tmp_path):
+    server = start_server("--max-prompt-tokens", "16")  # every request is refused with a 400
+    out = tmp_path / "run"
+    proc = run_eval(*eval_args(server, tiny_model_dir, synth_dir, out, "--model-args", "max_retries=1"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "observe_r1_local_open: 4 of 4 requests to the model failed" in proc.stderr
+    assert "prompt" in proc.stderr  # the server's own message comes through
+    assert not (out / "report.json").exists() and not (out / "done").exists()
+
+
+def test_server_down_is_a_clear_error(tiny_model_dir, synth_dir, tmp_path):
+    class Closed:
+        base_url = f"http://127.0.0.1:{free_port()}"
+
+    proc = run_eval(*eval_args(Closed, tiny_model_dir, synth_dir, tmp_path / "run"))
+    assert proc.returncode == 2
+    assert f"cannot reach the server at {Closed.base_url}/v1" in proc.stderr
+    assert not (tmp_path / "run" / "lmms").exists()
+
+
+def test_model_the_server_does_not_serve_is_refused(server, tiny_model_dir, synth_dir, tmp_path):
+    args = eval_args(server, tiny_model_dir, synth_dir, tmp_path / "run")
+    args[args.index("tiny")] = "no-such-model"
+    proc = run_eval(*args)
+    assert proc.returncode == 2
+    assert "does not serve model 'no-such-model' (it serves: tiny)" in proc.stderr
+
+
+def test_unknown_suite_and_task_are_refused_before_anything_runs(tiny_model_dir, tmp_path):
+    proc = run_eval("--suite", "nope", "--model", "tiny", "--tokenizer", str(tiny_model_dir))
+    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
+
+    out = tmp_path / "run"
+    proc = run_eval(
+        "--tasks", "mathvista_testmini_cot_reasoning,not_a_task", "--model", "tiny", "--tokenizer",
+        str(tiny_model_dir), "--base-url", "http://127.0.0.1:9/v1", "--output", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown lmms-eval task(s): not_a_task" in proc.stderr
+    assert not (out / "lmms").exists()
+
+
+def test_judge_required_task_is_refused_without_a_judge(tiny_model_dir, tmp_path):
+    proc = run_eval("--suite", "general", "--model", "tiny", "--tokenizer", str(tiny_model_dir))
+    assert proc.returncode == 2
+    assert "hallusion_bench_image cannot be scored without an LLM judge" in proc.stderr
+
+
+LMMS_CHECK = r"""
+import json, sys
+from lmms_eval.api.reasoning import strip_reasoning_tags
+from lmms_eval.models import get_model
+from observe_r1.format import SYSTEM_PROMPT
+tags, doc, base_url = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, sys.argv[4])
+import utils  # the local task's functions
+good = "<observe>two cyan shapes</observe><think>count them: 2</think><answer>2</answer>"
+hidden = "<observe>I see 2</observe><think>it is 2</think><answer>3</answer>"
+scores = [utils.process_results(doc, [strip_reasoning_tags(t, tags)])["accuracy"] for t in (good, hidden)]
+model = get_model("observe_r1")(model="tiny", base_url=base_url)
+messages = [{"role": "system", "content": "the task's own prompt"}, {"role": "user", "content": "How many?"}]
+r = model.client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, seed=0)
+print(json.dumps({"scores": scores, "content": r.choices[0].message.content, "system": SYSTEM_PROMPT}))
+"""
+
+
+def test_lmms_eval_scores_the_answer_and_sees_the_raw_text(server, synth_dir):
+    """In lmms-eval's environment: with our reasoning tags, the local task scores the <answer> block
+    (a right number inside <observe>/<think> does not count), and the `observe_r1` model returns the
+    server's raw text, asked with the Observe-R1 system prompt instead of the task's."""
+    import httpx
+
+    from eval import suites
+
+    doc = {"id": "x", "images": [], "question": "How many cyan shapes?", "answer": "2", "choices": []}
+    proc = subprocess.run(
+        [str(REPO / ".venv-eval" / "bin" / "python"), "-c", LMMS_CHECK, json.dumps(suites.reasoning_tags()),
+         json.dumps(doc), f"{server.base_url}/v1", str(REPO / "eval" / "tasks" / "local")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["scores"] == [1.0, 0.0]
+    direct = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        json={"model": "tiny", "max_tokens": 12, "temperature": 0, "seed": 0, "return_raw_text": True,
+              "messages": [{"role": "system", "content": got["system"]}, {"role": "user", "content": "How many?"}]},
+        timeout=120,
+    ).json()["choices"][0]["message"]  # fmt: skip
+    assert got["content"] == direct["raw"]
+
+
+def test_judge_settings_become_the_variables_lmms_eval_tasks_read(monkeypatch):
+    import argparse
+
+    from eval import run, suites
+
+    general = suites.select("general", None)
+    args = argparse.Namespace(
+        judge_model="judge-1", judge_base_url="http://judge:9000/v1/", judge_api_key_env="MY_JUDGE_KEY"
+    )
+    monkeypatch.delenv("MY_JUDGE_KEY", raising=False)
+    with pytest.raises(lmms.EvalError, match=r"\$MY_JUDGE_KEY \(--judge-api-key-env\) is empty"):
+        run.judge_environment(general, args)
+    monkeypatch.setenv("MY_JUDGE_KEY", "k")
+    env = run.judge_environment(general, args)
+    assert env["JUDGE_MODEL_NAME"] == env["MODEL_VERSION"] == "judge-1"
+    assert env["JUDGE_BASE_URL"] == "http://judge:9000/v1"
+    assert env["OPENAI_API_URL"] == "http://judge:9000/v1/chat/completions"
+    assert env["JUDGE_API_KEY"] == env["OPENAI_API_KEY"] == "k"
+    assert env["USE_LLM_JUDGE"] == "True"
