@@ -167,3 +167,11 @@ def test_refuses_bad_calls(model, processor, samples):
             engine.generate(samples, PROMPTS, G, settings())
     finally:
         model.eval()
+
+
+def test_prompts_over_the_limit_are_refused_by_name(model, processor, samples):
+    engine = TransformersRollout(model, processor)
+    with pytest.raises(
+        ValueError, match=r"max_prompt_tokens = 300 tokens: sample '1' has \d+, sample '2' has"
+    ):
+        engine.generate(samples, PROMPTS, G, settings(max_prompt_tokens=300))

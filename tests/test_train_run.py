@@ -188,6 +188,35 @@ def test_zero3_on_two_ranks(tiny_model_dir, synth_dir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_bf16_checkpointing_frozen_vision_and_kl_reference(tiny_model_dir, synth_dir, tmp_path):
+    """The paper's precision and memory settings plus a KL loss term (which loads a reference model)."""
+    out = tmp_path / "bf16"
+    extra = [
+        "max_steps=2",
+        "model.dtype=bf16",
+        "model.gradient_checkpointing=true",
+        "model.freeze_vision_tower=true",
+        "algorithm.kl_coef=0.01",
+        *LEARNING,
+    ]
+    run(train_args(tiny_model_dir, synth_dir, out, *extra))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert all("kl" in r and r["kl"] >= 0 for r in rows)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    before, after = weights(tiny_model_dir), weights(out / "model")
+    vision = [k for k in before if ".visual." in k or k.startswith("model.visual")]
+    assert vision
+    for key in vision:  # frozen, and bf16 round-trips them exactly only if they never moved
+        assert torch.equal(before[key].to(torch.bfloat16), after[key].to(torch.bfloat16)), key
+    assert any(
+        not torch.equal(before[k].to(torch.bfloat16), after[k].to(torch.bfloat16))
+        for k in before
+        if k not in vision
+    )
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

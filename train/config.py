@@ -78,7 +78,8 @@ class HintsConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["auto", "transformers", "vllm"] = "auto"  # auto: vLLM with a GPU, else transformers
+    # auto: transformers today; vLLM with a GPU once its rollout engine lands (scale-out issue)
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
     group_size: int = 8
     prompts_per_step: int = 128  # all ranks together
     temperature: float = 1.0

@@ -45,6 +45,7 @@ class SamplingSettings:
     max_new_tokens: int = 512
     seed: int | None = None
     logprobs: bool = False
+    max_prompt_tokens: int | None = None  # a longer prompt (images included) is refused, naming its sample
 
 
 def process_prompt(processor, sample: Sample, prompt: str, system_prompt: str | None) -> dict:
@@ -57,6 +58,23 @@ def process_prompt(processor, sample: Sample, prompt: str, system_prompt: str | 
     messages = build_messages(prompt, len(images), system_prompt)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+
+
+def check_prompt_lengths(samples: list[Sample], inputs: list[dict], limit: int | None) -> None:
+    """Refuse prompts longer than `limit` tokens (image tokens included), naming every culprit.
+
+    Truncating would cut image placeholders or the question; a clear error lets the user filter the
+    data or raise `rollout.max_prompt_tokens`."""
+    if limit is None:
+        return
+    long = [
+        (s.id, p["input_ids"].shape[1])
+        for s, p in zip(samples, inputs, strict=True)
+        if p["input_ids"].shape[1] > limit
+    ]
+    if long:
+        listed = ", ".join(f"sample {sid!r} has {n}" for sid, n in long)
+        raise ValueError(f"prompts longer than rollout.max_prompt_tokens = {limit} tokens: {listed}")
 
 
 def _collate(prompts: list[dict], pad_id: int, image_keys=_IMAGE_KEYS) -> dict[str, torch.Tensor]:
@@ -255,6 +273,7 @@ class TransformersRollout(RolloutEngine):
         started = time.perf_counter()
         pairs = zip(samples, prompts, strict=True)
         inputs = [process_prompt(self.processor, s, p, system_prompt) for s, p in pairs]
+        check_prompt_lengths(samples, inputs, settings.max_prompt_tokens)
         processed = time.perf_counter()
         seed = settings.seed if settings.seed is not None else int(torch.randint(2**62, ()))
         # `generate` takes no torch.Generator, so seed the global RNG inside a fork and restore it.

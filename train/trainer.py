@@ -69,7 +69,10 @@ class GRPOTrainer(Runner):
         ]
         ro = self.cfg.rollout
         settings = SamplingSettings(
-            temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens
+            temperature=ro.temperature,
+            top_p=ro.top_p,
+            max_new_tokens=ro.max_new_tokens,
+            max_prompt_tokens=ro.max_prompt_tokens,
         )
         self.engine.module.eval()
         try:
