@@ -61,19 +61,38 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
 def run_ours(args: argparse.Namespace, model: Path, data: Path) -> dict:
     out = args.out / "ours"
     overrides = [
-        f"model.path={model}", f"data.paths=[{data}]", f"checkpoint.output_dir={out}",
-        "checkpoint.resume=none", "checkpoint.save_every=0", "checkpoint.export_hf=false",
-        "logging.tensorboard=false", "logging.plot_png=false", "model.gradient_checkpointing=false",
-        f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
-        f"rollout.max_new_tokens={args.new_tokens}", f"optim.train_batch={args.prompts * args.group}",
-        f"optim.micro_batch={args.micro_batch}", "optim.lr=1e-6", "optim.warmup_ratio=0",
-        f"max_steps={args.steps}", "algorithm.agg=token-mean", "reward.components={accuracy: 1.0, format: 1.0}",
+        f"model.path={model}",
+        f"data.paths=[{data}]",
+        f"checkpoint.output_dir={out}",
+        "checkpoint.resume=none",
+        "checkpoint.save_every=0",
+        "checkpoint.export_hf=false",
+        "logging.tensorboard=false",
+        "logging.plot_png=false",
+        "model.gradient_checkpointing=false",
+        f"rollout.prompts_per_step={args.prompts}",
+        f"rollout.group_size={args.group}",
+        f"rollout.max_new_tokens={args.new_tokens}",
+        f"optim.train_batch={args.prompts * args.group}",
+        f"optim.micro_batch={args.micro_batch}",
+        "optim.lr=1e-6",
+        "optim.warmup_ratio=0",
+        f"max_steps={args.steps}",
+        "algorithm.agg=token-mean",
+        "reward.components={accuracy: 1.0, format: 1.0}",
     ]
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
-    command = [sys.executable, "-m", "observe_r1.cli", "train", "--config", str(ROOT / "train/configs/tiny_cpu.yaml")]
+    command = [
+        sys.executable,
+        "-m",
+        "observe_r1.cli",
+        "train",
+        "--config",
+        str(ROOT / "train/configs/tiny_cpu.yaml"),
+    ]
     subprocess.run([*command, "--no-progress", *overrides], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -102,7 +121,10 @@ def trl_worker(args: argparse.Namespace) -> None:
     dataset = Dataset.from_dict(
         {
             "prompt": [
-                [{"role": "system", "content": [text(SYSTEM_PROMPT)]}, {"role": "user", "content": [{"type": "image"}, text(s.question)]}]
+                [
+                    {"role": "system", "content": [text(SYSTEM_PROMPT)]},
+                    {"role": "user", "content": [{"type": "image"}, text(s.question)]},
+                ]
                 for s in samples
             ],
             "image": [Image.open(s.images[0]).convert("RGB") for s in samples],
@@ -115,10 +137,16 @@ def trl_worker(args: argparse.Namespace) -> None:
         return [Sample("", [], "", a, c) for a, c in zip(answer, choices, strict=True)]
 
     def accuracy(completions, answer, choices, **_):
-        return [accuracy_reward(c[0]["content"], s) for c, s in zip(completions, _samples(answer, choices), strict=True)]
+        return [
+            accuracy_reward(c[0]["content"], s)
+            for c, s in zip(completions, _samples(answer, choices), strict=True)
+        ]
 
     def fmt(completions, answer, choices, **_):
-        return [format_reward(c[0]["content"], s) for c, s in zip(completions, _samples(answer, choices), strict=True)]
+        return [
+            format_reward(c[0]["content"], s)
+            for c, s in zip(completions, _samples(answer, choices), strict=True)
+        ]
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -141,10 +169,24 @@ def trl_worker(args: argparse.Namespace) -> None:
         gradient_accumulation_steps=responses // args.micro_batch,
         num_generations=args.group,
         max_completion_length=args.new_tokens,
-        temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-6, lr_scheduler_type="constant",
-        beta=0.0, loss_type="bnpo", max_steps=args.steps, logging_steps=1, report_to="none",
-        save_strategy="no", bf16=False, gradient_checkpointing=False, shuffle_dataset=False,
-        use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        beta=0.0,
+        loss_type="bnpo",
+        max_steps=args.steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        gradient_checkpointing=False,
+        shuffle_dataset=False,
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     timer = Timer()
     trainer = GRPOTrainer(
@@ -157,14 +199,20 @@ def trl_worker(args: argparse.Namespace) -> None:
     )
     trainer.train()
     steps = [b - a for a, b in zip(timer.marks, timer.marks[1:], strict=False)]
-    print("TRL-RESULT " + json.dumps({"step_seconds": steps, "completion_length": statistics.mean(timer.lengths)}))
+    print(
+        "TRL-RESULT "
+        + json.dumps({"step_seconds": steps, "completion_length": statistics.mean(timer.lengths)})
+    )
 
 
 def run_trl(args: argparse.Namespace) -> dict:
     argv = [a for a in sys.argv[1:] if a != "--skip-trl"]
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--trl-worker", *argv],
-        cwd=ROOT, capture_output=True, text=True, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     line = next((l for l in proc.stdout.splitlines() if l.startswith("TRL-RESULT ")), None)  # noqa: E741
     if proc.returncode or line is None:
@@ -200,8 +248,8 @@ def report(args: argparse.Namespace, results: dict) -> str:
         lines += ["", f"ours / TRL steps per second: {ratio:.2f}x (target >= 1.5x)"]
     ours = results["ours"]
     lines.append(
-        f"ours, per step after warm-up: rollout {statistics.mean(ours['rollout_seconds'][args.warmup:] or ours['rollout_seconds']):.2f} s,"
-        f" update {statistics.mean(ours['update_seconds'][args.warmup:] or ours['update_seconds']):.2f} s"
+        f"ours, per step after warm-up: rollout {statistics.mean(ours['rollout_seconds'][args.warmup :] or ours['rollout_seconds']):.2f} s,"
+        f" update {statistics.mean(ours['update_seconds'][args.warmup :] or ours['update_seconds']):.2f} s"
     )
     return "\n".join(lines) + "\n"
 
@@ -214,7 +262,9 @@ def plot(results: dict, path: Path) -> None:
 
     names = [n for n in ("ours", "trl") if n in results]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(names, [results[n]["mean_step_seconds"] for n in names], color=["tab:blue", "tab:gray"][: len(names)])
+    ax.bar(
+        names, [results[n]["mean_step_seconds"] for n in names], color=["tab:blue", "tab:gray"][: len(names)]
+    )
     ax.set_ylabel("seconds per GRPO step")
     ax.set_title("GRPO step time (lower is better)")
     fig.tight_layout()
