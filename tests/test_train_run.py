@@ -236,10 +236,14 @@ def test_bad_config_is_refused_before_loading(override, message, tiny_model_dir,
     assert time.monotonic() - started < 60  # refused from the config alone, no model load
 
 
+@pytest.mark.timeout(1200)  # about 2 minutes on an idle 2-core machine; slower ones get room
 def test_sft_then_grpo_raises_reward(tiny_model_dir, synth_dir, tmp_path):
-    """The evidence that it learns: a short SFT warm start, then GRPO on the synthetic set, seeded.
+    """The evidence that it learns, seeded: a short SFT warm start leaves the tiny model following the
+    format about half the time at temperature 1; GRPO then raises the mean reward.
 
-    Mean reward over the last steps must exceed the first steps."""
+    The tiny model cannot read the images, so its accuracy is at chance and most groups are all
+    wrong; the Observe-R1 weight would zero those groups, so this run uses plain GRPO weights and
+    the format reward carries the signal."""
     sft_out = tmp_path / "sft"
     run(
         [
@@ -250,11 +254,24 @@ def test_sft_then_grpo_raises_reward(tiny_model_dir, synth_dir, tmp_path):
             f"model.path={tiny_model_dir}",
             f"data.paths=[{synth_dir / 'data.jsonl'}]",
             f"checkpoint.output_dir={sft_out}",
+            "max_steps=100",
         ]
     )
     sft_rows = read_jsonl(sft_out / "metrics.jsonl")
-    assert sft_rows[-1]["loss"] < sft_rows[0]["loss"] / 2
+    assert sft_rows[-1]["loss"] < sft_rows[0]["loss"] / 4
     grpo = tmp_path / "grpo"
-    run(train_args(sft_out / "model", synth_dir, grpo, "max_steps=10", "checkpoint.save_every=0"))
-    rewards = [r["reward/total"] for r in read_jsonl(grpo / "metrics.jsonl")]
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards
+    steps = [
+        "max_steps=24",
+        "optim.epochs=5",
+        "rollout.prompts_per_step=8",
+        "optim.train_batch=16",
+        "optim.lr=3e-4",
+        "algorithm.observe_weight=false",
+        "checkpoint.save_every=0",
+    ]
+    run(train_args(sft_out / "model", synth_dir, grpo, *steps))
+    rows = read_jsonl(grpo / "metrics.jsonl")
+    first, last = rows[:8], rows[-8:]
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    assert mean(last, "reward/total") > mean(first, "reward/total") + 0.03, [r["reward/total"] for r in rows]
+    assert mean(last, "format_rate") > mean(first, "format_rate")
