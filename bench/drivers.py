@@ -12,7 +12,7 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,24 +30,32 @@ def log(message: str) -> None:
 
 
 def in_process(model_dir: Path, image, batches: tuple[int, ...], max_tokens: int, repeats: int) -> dict:
-    """Tokens/s of `generate` alone (inputs prepared beforehand), exactly `max_tokens` per row: the
-    median of `repeats` timed runs after one warm-up run per batch size (the first call is ~4x slower).
-    Runs of one new token time the prefill (vision encoder and prompt) on its own, which shows how
-    much of a batch's time batching cannot share out on a CPU."""
+    """Tokens/s of `generate` alone, exactly `max_tokens` per row, on identical prompts, by batch size:
+    `plain` with inputs prepared beforehand, `prefix_cache` starting from the cached system turn as our
+    server does (building each run's inputs, which copies the cache, is timed). Each is the median of
+    `repeats` timed runs after one warm-up run (the first call is ~4x slower). Runs of one new token
+    time the prefill (vision encoder and prompt) on its own, which shows how much of a batch's time
+    batching cannot share out on a CPU."""
     import torch
 
     from observe_r1.modeling import load_model, load_processor
+    from serve.batch_inputs import PrefixCache
 
     model = load_model(model_dir)
     processor = load_processor(model_dir)
     prompt = processor.apply_chat_template(
         build_messages(QUESTION, 1), add_generation_prompt=True, tokenize=False
     )
+    prefix_cache = PrefixCache(model, processor.tokenizer, processor.tokenizer.pad_token_id)
+    item = dict(processor(text=[prompt], images=[image], return_tensors="pt"))
+    with torch.inference_mode():
+        prefix_cache.inputs([item])  # the system turn is prefilled once, as in a running server
 
-    def timed(inputs: dict, new_tokens: int, seed: int) -> tuple[float, int]:
+    def timed(make_inputs: Callable[[], dict], new_tokens: int, seed: int) -> tuple[float, int]:
         torch.manual_seed(seed)
         start = time.perf_counter()
         with torch.inference_mode():
+            inputs = make_inputs()
             ids = model.generate(
                 **inputs,
                 max_new_tokens=new_tokens,
@@ -58,27 +66,35 @@ def in_process(model_dir: Path, image, batches: tuple[int, ...], max_tokens: int
             )
         return time.perf_counter() - start, ids.shape[0] * (ids.shape[1] - inputs["input_ids"].shape[1])
 
-    out = {}
+    def measure(make_inputs: Callable[[], dict]) -> dict:
+        timed(make_inputs, max_tokens, 0)
+        runs = [timed(make_inputs, max_tokens, seed) for seed in range(1, repeats + 1)]
+        rates = [tokens / seconds for seconds, tokens in runs]
+        return {
+            "tokens_per_s": statistics.median(rates),
+            "runs_tokens_per_s": rates,
+            "batch_s": statistics.median(seconds for seconds, _ in runs),
+            "prefill_s": statistics.median(timed(make_inputs, 1, seed)[0] for seed in range(repeats)),
+        }
+
+    out: dict[str, dict] = {"plain": {}, "prefix_cache": {}}
     for batch in batches:
         start = time.perf_counter()
         inputs = processor(text=[prompt] * batch, images=[image] * batch, return_tensors="pt")
         preprocess_s = time.perf_counter() - start
-        timed(inputs, max_tokens, 0)
-        runs = [timed(inputs, max_tokens, seed) for seed in range(1, repeats + 1)]
-        rates = [tokens / seconds for seconds, tokens in runs]
-        out[batch] = {
-            "tokens_per_s": statistics.median(rates),
-            "runs_tokens_per_s": rates,
-            "batch_s": statistics.median(seconds for seconds, _ in runs),
-            "prefill_s": statistics.median(timed(inputs, 1, seed)[0] for seed in range(repeats)),
-            "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "preprocess_s": preprocess_s,
+        shared = {"prompt_tokens": int(inputs["input_ids"].shape[1]), "preprocess_s": preprocess_s}
+        out["plain"][batch] = {**measure(lambda inputs=inputs: inputs), **shared}
+        out["prefix_cache"][batch] = {
+            **measure(lambda batch=batch: prefix_cache.inputs([item] * batch)),
+            **shared,
         }
-        row = out[batch]
-        log(
-            f"in-process batch {batch}: {row['tokens_per_s']:.1f} tok/s, {row['batch_s']:.2f}s per batch "
-            f"of which prefill {row['prefill_s']:.2f}s (runs: {', '.join(f'{r:.1f}' for r in rates)} tok/s)"
-        )
+        for mode in out:
+            row = out[mode][batch]
+            log(
+                f"in-process {mode} batch {batch}: {row['tokens_per_s']:.1f} tok/s, {row['batch_s']:.2f}s per "
+                f"batch of which prefill {row['prefill_s']:.2f}s "
+                f"(runs: {', '.join(f'{r:.1f}' for r in row['runs_tokens_per_s'])} tok/s)"
+            )
     return out
 
 

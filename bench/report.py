@@ -12,6 +12,16 @@ if TYPE_CHECKING:
     from serve_bench import Setup
 
 
+IN_PROCESS_MODES = {"plain": "plain", "prefix_cache": "prefix cache"}
+
+
+def _in_process_rows(inproc: dict):
+    """(mode label, batch size, measurements) for every in-process run."""
+    for mode, label in IN_PROCESS_MODES.items():
+        for batch, row in inproc[mode].items():
+            yield label, batch, row
+
+
 def seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}s"
 
@@ -23,7 +33,9 @@ def _level(setups: list[Setup], key: str, concurrency: int) -> dict | None:
 
 def targets(setups: list[Setup], inproc: dict) -> list[dict]:
     """The three goals with their measured values (None where a setup failed), then context: the peer,
-    and the in-process ratio that bounds what any batching server can gain over one-at-a-time here."""
+    the in-process ratio that bounds what any batching server can gain over one-at-a-time here, and
+    what the prefix cache gains in-process. Both servers use the prefix cache (the default), so the
+    in-process rows compared with them are those with the cache."""
     top = max(CONCURRENCY)
 
     def value(key: str, concurrency: int, metric: str) -> float | None:
@@ -34,7 +46,8 @@ def targets(setups: list[Setup], inproc: dict) -> list[dict]:
         return a / b if a is not None and b else None
 
     batched = value("batched", top, "tokens_per_s")
-    ceiling, single = inproc.get(top), inproc.get(1)
+    ceiling, single = inproc["prefix_cache"].get(top), inproc["prefix_cache"].get(1)
+    plain = inproc["plain"].get(top)
     rows = [
         (
             f"throughput at c={top}: batched / one-at-a-time baseline",
@@ -43,7 +56,7 @@ def targets(setups: list[Setup], inproc: dict) -> list[dict]:
             lambda v: v >= 5.0,
         ),
         (
-            f"throughput: batched at c={top} / in-process generate at batch {top}",
+            f"throughput: batched at c={top} / in-process generate at batch {top} with the prefix cache",
             ">= 0.70",
             ratio(batched, ceiling and ceiling["tokens_per_s"]),
             lambda v: v >= 0.7,
@@ -61,15 +74,21 @@ def targets(setups: list[Setup], inproc: dict) -> list[dict]:
             None,
         ),
         (
-            f"in-process generate: batch {top} / batch 1 (the most batching can gain here)",
+            f"in-process generate with the prefix cache: batch {top} / batch 1 (what batching can gain here)",
             "(context)",
             ratio(ceiling and ceiling["tokens_per_s"], single and single["tokens_per_s"]),
             None,
         ),
         (
-            f"in-process generate: prefill share of a batch of {top}",
+            f"in-process generate with the prefix cache: prefill share of a batch of {top}",
             "(context)",
             ratio(ceiling and ceiling["prefill_s"], ceiling and ceiling["batch_s"]),
+            None,
+        ),
+        (
+            f"in-process generate at batch {top}: with / without the prefix cache",
+            "(context)",
+            ratio(ceiling and ceiling["tokens_per_s"], plain and plain["tokens_per_s"]),
             None,
         ),
     ]
@@ -87,7 +106,8 @@ def render_markdown(meta: dict, setups: list[Setup], inproc: dict, goals: list[d
         f"PNG per request, `max_tokens={meta['max_tokens']}`, temperature 1.0, streamed; {meta['cpus']} CPU cores, "
         f"load average {meta['load_avg_start']:.2f} at the start and {meta['load_avg_end']:.2f} at the end. "
         "Latency is end to end; TTFT is the first chunk carrying text; tokens/s counts the completion tokens "
-        "each server reports. In-process rows: latency is one batch's `generate`, TTFT its prefill (one new token).",
+        "each server reports. In-process rows: latency is one batch's `generate`, TTFT its prefill (one new token); "
+        "'prefix cache' rows start from the cached system turn, as both servers do.",
         "",
         "| setup | concurrency | requests ok | tokens/s | req/s | latency p50 | latency p90 | TTFT p50 | mean batch |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -102,10 +122,10 @@ def render_markdown(meta: dict, setups: list[Setup], inproc: dict, goals: list[d
                 f"{lv['requests_per_s']:.2f} | {seconds(lv['latency_p50_s'])} | {seconds(lv['latency_p90_s'])} | "
                 f"{seconds(lv['ttft_p50_s'])} | {batch} |"
             )
-    for batch, row in inproc.items():
+    for mode, batch, row in _in_process_rows(inproc):
         lines.append(
-            f"| in-process generate | batch {batch} | - | {row['tokens_per_s']:.1f} | {batch / row['batch_s']:.2f} | "
-            f"{seconds(row['batch_s'])} | | {seconds(row['prefill_s'])} | {batch} |"
+            f"| in-process generate, {mode} | batch {batch} | - | {row['tokens_per_s']:.1f} | "
+            f"{batch / row['batch_s']:.2f} | {seconds(row['batch_s'])} | | {seconds(row['prefill_s'])} | {batch} |"
         )
     lines += ["", "| ratio | target | value | met |", "|---|---|---:|---|"]
     for goal in goals:
@@ -127,13 +147,13 @@ def plot(path: Path, setups: list[Setup], inproc: dict) -> None:
         if setup.levels:
             xs = [lv["concurrency"] for lv in setup.levels]
             ax.plot(xs, [lv["tokens_per_s"] for lv in setup.levels], marker="o", label=setup.label)
-    for batch, row in inproc.items():
+    for mode, batch, row in _in_process_rows(inproc):
         ax.axhline(
             row["tokens_per_s"],
-            linestyle="--",
+            linestyle="--" if mode == IN_PROCESS_MODES["prefix_cache"] else ":",
             color="gray" if batch == 1 else "black",
             linewidth=1,
-            label=f"in-process generate, batch {batch}",
+            label=f"in-process generate, {mode}, batch {batch}",
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(CONCURRENCY), [str(c) for c in CONCURRENCY])

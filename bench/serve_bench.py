@@ -8,7 +8,9 @@ tokens (sampled at temperature 1.0, a seed per request):
 - `peer`: `transformers serve` on the same weights (it loads a Qwen2.5-VL folder here only through a
   remote-code image-only processor, and generates one request at a time for this architecture);
 - `in-process`: `model.generate` on a batch of 1 and of 32 identical prompts, no server at all: the
-  ceiling a server can approach.
+  ceiling a server can approach; plain, and starting from the cached system turn as the servers do.
+
+Both servers run with the prefix cache on (the default): the baseline differs only in batch size.
 
 Every request streams (so time to first token is measured the same way for every server) and the
 completion tokens counted are those each server reports in `usage`. The script builds its own model and
