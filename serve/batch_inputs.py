@@ -123,6 +123,7 @@ class PrefixCache:
         return DynamicCache(expanded, config=self.model.config)
 
     def _prefill(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix alone through the model: each layer's keys and values, batch size 1."""
         ids = torch.tensor([prefix], device=self.model.device)
         batch = {
             "input_ids": ids,
