@@ -75,6 +75,7 @@ test: setup setup-vllm setup-eval
 
 bench: setup
 	$(PY) bench/serve_bench.py --out runs/bench/serve  # add --skip-peer to leave out transformers serve
+	$(PY) bench/train_bench.py --out runs/bench/train  # add --skip-trl to leave out TRL's GRPOTrainer
 
 lint: setup
 	$(VENV)/bin/ruff check .

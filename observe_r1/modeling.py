@@ -112,3 +112,25 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "fp32", devic
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a model from {path}: {e}") from e
     return model.to(device).eval()
+
+
+def position_ids(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Qwen2.5-VL's (4, B, L) positions: 1-D text positions (for the mask), then the 3-D mrope ones.
+
+    This is what `generate` computes for a fresh prompt. Passing it explicitly whenever a forward or
+    `generate` starts from a prefilled cache keeps it off the `rope_deltas` the model caches on itself
+    between calls, and gives every token the position it has alone, wherever padding sits in its row
+    (positions count only tokens whose attention mask is 1).
+    """
+    mask = batch["attention_mask"]
+    text = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if batch.get("image_grid_thw") is None:
+        mrope = text[None].expand(3, -1, -1)
+    else:
+        mrope, _ = model.model.get_rope_index(
+            batch["input_ids"],
+            batch["mm_token_type_ids"],
+            image_grid_thw=batch["image_grid_thw"],
+            attention_mask=mask,
+        )
+    return torch.cat([text[None], mrope])

@@ -33,6 +33,8 @@ class ServerConfig:
     max_waiting: int = 256
     batch_wait_ms: float = 30.0  # a batch starts once no new request has arrived for this long ...
     max_batch_wait_ms: float = 500.0  # ... or this long after its first request, whichever is first
+    # Prefill the shared system turn once and start every batch from its cached keys and values.
+    prefix_cache: bool = True
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
 

@@ -6,6 +6,8 @@ reach the queue spread over hundreds of milliseconds (each request is parsed, it
 its prompt processed in turn), so a batch starts only once no request has arrived for
 `batch_wait_ms` and none is still being prepared, at most `max_batch_wait_ms` after its first
 request. A lone client (the previous batch had one row and nothing else is pending) never waits.
+With `prefix_cache` (the default), a batch starts from the cached keys and values of the system turn
+its rows share (`serve.batch_inputs.PrefixCache`), so only the rest of each prompt is prefilled.
 Two hooks make one shared call behave like separate requests:
 - `_RowSampler` (a logits processor) samples each row with its own temperature, top-p and seeded
   generator, so a request's output does not depend on its batch neighbours' settings;
@@ -34,6 +36,7 @@ from transformers import (
 )
 
 from observe_r1.modeling import load_model, load_processor
+from serve.batch_inputs import PrefixCache, collate
 from serve.config import ServerConfig
 from serve.engine import (
     ChoiceDelta,
@@ -47,8 +50,6 @@ from serve.engine import (
 )
 
 log = logging.getLogger("observe_r1.serve")
-
-_PADDED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 @dataclass
@@ -134,26 +135,6 @@ class _RowMonitor(StoppingCriteria):
         return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
 
 
-def _collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad the token tensors of several processed prompts into one batch; stack the rest
-    (pixel patches, image grids) in row order, as Qwen2.5-VL expects for a batch."""
-    width = max(item["input_ids"].shape[1] for item in items)
-    batch: dict[str, torch.Tensor] = {}
-    for key in items[0]:
-        if key in _PADDED_KEYS:
-            fill = pad_id if key == "input_ids" else 0
-            batch[key] = torch.cat(
-                [
-                    torch.nn.functional.pad(item[key], (width - item[key].shape[1], 0), value=fill)
-                    for item in items
-                ]
-            )
-    for key in {k for item in items for k in item} - set(_PADDED_KEYS):
-        parts = [item[key] for item in items if key in item]
-        batch[key] = torch.cat(parts)
-    return batch
-
-
 class TransformersEngine(Engine):
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -167,6 +148,9 @@ class TransformersEngine(Engine):
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [self.tokenizer.eos_token_id])
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        )
+        self.prefix_cache = (
+            PrefixCache(self.model, self.tokenizer, self.pad_id) if config.prefix_cache else None
         )
         self.stats = EngineStats()
         self._waiting: collections.deque[_Job] = collections.deque()
@@ -304,11 +288,17 @@ class TransformersEngine(Engine):
                 )
         return rows
 
+    def _inputs(self, items: list[dict]) -> dict:
+        """The batch's `generate` inputs: from the cached system turn where rows share one, else
+        plainly left-padded."""
+        if self.prefix_cache is not None and (inputs := self.prefix_cache.inputs(items)) is not None:
+            return inputs
+        return {k: v.to(self.model.device) for k, v in collate(items, self.pad_id).items()}
+
     @torch.inference_mode()
     def _run(self, batch: list[_Job]) -> None:
         rows = self._rows(batch)
-        inputs = _collate([row.job.request.inputs for row in rows], self.pad_id)
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+        inputs = self._inputs([row.job.request.inputs for row in rows])
         config = GenerationConfig(
             do_sample=False,
             max_new_tokens=max(row.job.request.sampling.max_tokens for row in rows),

@@ -24,6 +24,7 @@ from transformers import GenerationConfig
 from observe_r1.chat import build_messages, open_images
 from observe_r1.data import Sample
 from observe_r1.format import SYSTEM_PROMPT
+from observe_r1.modeling import position_ids
 
 END_OF_TURN = "<|im_end|>"
 _PADDED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
@@ -99,27 +100,6 @@ def _collate(prompts: list[dict], pad_id: int, image_keys=_IMAGE_KEYS) -> dict[s
     return batch
 
 
-def _position_ids(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Qwen2.5-VL's (4, B, L) positions: 1-D text positions (for the mask), then the 3-D mrope ones.
-
-    This is what `generate` computes for a fresh prompt. Passing it explicitly everywhere keeps the
-    shared-prefill continuation and the update forward off the `rope_deltas` the model caches on
-    itself between calls, and makes left-padded rows without images get the same positions as alone.
-    """
-    mask = batch["attention_mask"]
-    text = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    if batch.get("image_grid_thw") is None:
-        mrope = text[None].expand(3, -1, -1)
-    else:
-        mrope, _ = model.model.get_rope_index(
-            batch["input_ids"],
-            batch["mm_token_type_ids"],
-            image_grid_thw=batch["image_grid_thw"],
-            attention_mask=mask,
-        )
-    return torch.cat([text[None], mrope])
-
-
 @dataclass
 class RolloutBatch:
     """N = P * G responses, group-contiguous; completion tensors are right-padded to width T.
@@ -184,7 +164,7 @@ class RolloutBatch:
             placeholders = (batch["mm_token_type_ids"] == 1)[..., None]
             embeds = embeds.masked_scatter(placeholders, self._image_features(model, rows).to(embeds.dtype))
         inputs = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}
-        return {**inputs, "position_ids": _position_ids(model, batch)}, start
+        return {**inputs, "position_ids": position_ids(model, batch)}, start
 
     def _image_features(self, model, rows: list[int]) -> torch.Tensor:
         """Each distinct prompt's images encoded once, repeated for every row of that prompt."""
@@ -326,7 +306,7 @@ class TransformersRollout(RolloutEngine):
         last token (always text: the newline after "assistant").
         """
         batch = self._to_device(_collate(inputs, self.pad_id))
-        positions = _position_ids(self.model, batch)
+        positions = position_ids(self.model, batch)
         head = {k: batch[k][:, :-1] for k in _PADDED_KEYS}
         images = {k: batch[k] for k in _IMAGE_KEYS if k in batch}
         cache = self.model(
