@@ -202,7 +202,8 @@ def test_bf16_checkpointing_frozen_vision_and_kl_reference(tiny_model_dir, synth
     run(train_args(tiny_model_dir, synth_dir, out, *extra))
     rows = read_jsonl(out / "metrics.jsonl")
     assert all("kl" in r and r["kl"] >= 0 for r in rows)
-    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
+    # the first update starts from the reference itself; only the step's second update has moved
+    assert rows[0]["kl"] < 1e-3
     config = json.loads((out / "model" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     before, after = weights(tiny_model_dir), weights(out / "model")
