@@ -41,7 +41,15 @@ def run_eval(*args, timeout=600):
 def test_local_suite_end_to_end_interrupted_and_resumed(server, tiny_model_dir, synth_dir, tmp_path):
     out = tmp_path / "run"
     args = eval_args(server, tiny_model_dir, synth_dir, out)
-    first = subprocess.Popen([*RUN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background commands with SIGINT ignored, and children
+    # inherit that; a user's Ctrl-C reaches a foreground process, so restore the default here.
+    first = subprocess.Popen(
+        [*RUN, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     done_open = out / "done" / "observe_r1_local_open.json"
     deadline = time.monotonic() + 300
     while not done_open.exists() and first.poll() is None and time.monotonic() < deadline:
