@@ -141,6 +141,8 @@ def test_update_forward_reproduces_generation_logprobs(biased, processor, sample
         assert inputs["inputs_embeds"].shape[:2] == (len(picked), start + ids.shape[1])
         with torch.no_grad():
             logits = biased(**inputs).logits[:, start - 1 : -1].float()
+            only_completion = batch.completion_logits(biased, rows).float()  # what the trainers use
+        torch.testing.assert_close(only_completion, logits, atol=1e-5, rtol=0)
         logprobs = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1) * mask
         torch.testing.assert_close(logprobs, batch.logprobs[picked], atol=1e-4, rtol=0)
 

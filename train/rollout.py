@@ -166,6 +166,14 @@ class RolloutBatch:
         inputs = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}
         return {**inputs, "position_ids": position_ids(model, batch)}, start
 
+    def completion_logits(self, model, rows: slice | Sequence[int] | None = None) -> torch.Tensor:
+        """Logits (n, T, V) scoring the completion tokens of `rows`: `model` on prompt ⊕ completion,
+        positions start - 1 .. end - 2, computed only there (`logits_to_keep`), so a long prompt costs
+        no (prompt length x vocabulary) logits."""
+        inputs, _ = self.model_inputs(model, rows)
+        width = self.completion_ids.shape[1]
+        return model(**inputs, use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
+
     def _image_features(self, model, rows: list[int]) -> torch.Tensor:
         """Each distinct prompt's images encoded once, repeated for every row of that prompt."""
         prompts = sorted({r // self.group_size for r in rows})

@@ -129,8 +129,7 @@ class SFTTrainer(Runner):
         losses, correct, norm = [], [], None
         for start in range(0, len(samples), size):
             rows = list(range(start, min(start + size, len(samples))))
-            inputs, first = batch.model_inputs(model, rows)
-            logits = model(**inputs, use_cache=False).logits[:, first - 1 : -1]
+            logits = batch.completion_logits(model, rows)
             ids = batch.completion_ids[rows].to(logits.device)
             mask = batch.completion_mask[rows].to(logits.device)
             loss = -algorithms.masked_mean(algorithms.token_logprobs(logits, ids), mask)

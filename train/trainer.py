@@ -83,8 +83,7 @@ class GRPOTrainer(Runner):
     def _logprobs(self, model, batch: RolloutBatch, rows: list[int], with_entropy: bool = False):
         """Log-probs (n, T) of the sampled completion tokens of `rows` under `model`, and optionally
         the mean token entropy of its distribution there."""
-        inputs, start = batch.model_inputs(model, rows)
-        logits = model(**inputs, use_cache=False).logits[:, start - 1 : -1]
+        logits = batch.completion_logits(model, rows)
         ids = batch.completion_ids[rows].to(logits.device)
         logprobs = algorithms.token_logprobs(logits, ids, self.cfg.rollout.temperature)
         if not with_entropy:
