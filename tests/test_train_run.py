@@ -228,13 +228,12 @@ def test_bf16_checkpointing_frozen_vision_and_kl_reference(tiny_model_dir, synth
     ],
 )
 def test_bad_config_is_refused_before_loading(override, message, tiny_model_dir, synth_dir, tmp_path):
-    started = time.monotonic()
     proc = run(train_args(tiny_model_dir, synth_dir, tmp_path / "out", override), check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
-    assert time.monotonic() - started < 60  # refused from the config alone, no model load
+    assert "Loading weights" not in proc.stderr  # refused from the config alone, no model load
 
 
 @pytest.mark.timeout(1200)  # about 2 minutes on an idle 2-core machine; slower ones get room

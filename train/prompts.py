@@ -41,6 +41,8 @@ class PromptStream:
         self.shuffle = shuffle
         self.seed = seed
         self.position = StreamPosition()
+        self._order_epoch: int | None = None
+        self._order: list[int] = []
 
     @property
     def steps_per_epoch(self) -> int:
@@ -54,8 +56,11 @@ class PromptStream:
         """Sample indices of `epoch`: file order, or a permutation seeded by (seed, epoch)."""
         if not self.shuffle:
             return list(range(len(self.samples)))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.samples), generator=generator).tolist()
+        if self._order_epoch != epoch:  # one permutation per epoch, not one per step
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = torch.randperm(len(self.samples), generator=generator).tolist()
+            self._order_epoch = epoch
+        return self._order
 
     def next_batch(self) -> list[Sample]:
         pos = self.position

@@ -101,7 +101,8 @@ class SFTTrainer(Runner):
         tokenizer = self.processor.tokenizer
         limit = self.cfg.target.max_target_tokens
         prompts = [process_prompt(self.processor, s, s.question, self.system_prompt) for s in samples]
-        targets = [tokenizer(sft_target(s, self.cfg.target) + END_OF_TURN).input_ids[:limit] for s in samples]
+        texts = [sft_target(s, self.cfg.target) for s in samples]
+        targets = [tokenizer(text + END_OF_TURN).input_ids[:limit] for text in texts]
         width = max(len(t) for t in targets)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(samples), width), pad, dtype=torch.long)
@@ -115,7 +116,7 @@ class SFTTrainer(Runner):
             group_size=1,
             completion_ids=ids,
             completion_mask=mask,
-            texts=[sft_target(s, self.cfg.target) for s in samples],
+            texts=texts,
             finish_reasons=["stop"] * len(samples),
             pad_id=pad,
             timing={},
