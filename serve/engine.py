@@ -45,6 +45,27 @@ class ChoiceDelta:
     finish_reason: str | None = None
 
 
+def coalesce(items: list[ChoiceDelta | BaseException]) -> list[ChoiceDelta | BaseException]:
+    """Consecutive deltas of the same choice merged into one (texts joined; the later token count and
+    finish reason), as vLLM's output collector does: a consumer that fell behind the engine then
+    sends one event for several tokens instead of one per token. Order is kept; errors stay apart."""
+    merged: list[ChoiceDelta | BaseException] = []
+    for item in items:
+        last = merged[-1] if merged else None
+        if (
+            isinstance(item, ChoiceDelta)
+            and isinstance(last, ChoiceDelta)
+            and last.index == item.index
+            and last.finish_reason is None
+        ):
+            merged[-1] = ChoiceDelta(
+                item.index, last.text + item.text, item.completion_tokens, item.finish_reason
+            )
+        else:
+            merged.append(item)
+    return merged
+
+
 class QueueFullError(Exception):
     """The engine's waiting queue is at its bound; the client should retry later."""
 

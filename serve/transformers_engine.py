@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -47,12 +47,14 @@ from serve.engine import (
     PromptTooLongError,
     QueueFullError,
     StopMatcher,
+    coalesce,
 )
+from serve.sampling import sample_rows
 
 log = logging.getLogger("observe_r1.serve")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     request: EngineRequest
     loop: asyncio.AbstractEventLoop
@@ -63,49 +65,62 @@ class _Job:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _deliver(items: list[tuple[_Job, ChoiceDelta]]) -> None:
+    for job, delta in items:
+        job.queue.put_nowait(delta)
+
+
+def _send(items: list[tuple[_Job, ChoiceDelta]]) -> None:
+    """Hand a decoding step's deltas to their requests' event loops: one wake-up per loop, not one
+    per row, as the loop is also busy writing every stream's events."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, ChoiceDelta]]] = {}
+    for job, delta in items:
+        by_loop.setdefault(job.loop, []).append((job, delta))
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(_deliver, batch)
+
+
 @dataclass
 class _Row:
     job: _Job
     index: int
     detokenizer: IncrementalDetokenizer
     stopper: StopMatcher
-    generator: torch.Generator
+    random: random.Random
     tokens: int = 0
     finished: bool = False
 
-    def finish(self, text: str, reason: str) -> None:
+    def delta(self, text: str) -> tuple[_Job, ChoiceDelta]:
+        return self.job, ChoiceDelta(self.index, text, self.tokens)
+
+    def finish(self, text: str, reason: str) -> tuple[_Job, ChoiceDelta]:
         self.finished = True
-        self.job.put(ChoiceDelta(self.index, text, self.tokens, reason))
+        return self.job, ChoiceDelta(self.index, text, self.tokens, reason)
+
+    def drain(self, reason: str, text: str = "") -> tuple[_Job, ChoiceDelta]:
+        """End the row with `text` and whatever the detokenizer and the stop matcher still hold."""
+        return self.finish(text + self.stopper.push(self.detokenizer.flush()) + self.stopper.flush(), reason)
 
 
 class _RowSampler(LogitsProcessor):
-    """Chooses every row's next token itself and returns logits that make greedy decoding pick it."""
+    """Chooses every row's next token itself (`serve.sampling.sample_rows`, each row with its own
+    settings and random stream) and returns logits that make greedy decoding pick it."""
 
-    def __init__(self, rows: list[_Row], pad_id: int):
+    def __init__(self, rows: list[_Row], pad_id: int, device: torch.device):
         self.rows = rows
         self.pad_id = pad_id
+        options = [row.job.request.sampling for row in rows]
+        self.temperature = torch.tensor([o.temperature for o in options], device=device)
+        self.top_p = torch.tensor([o.top_p for o in options], device=device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        chosen = torch.full((len(self.rows),), self.pad_id, dtype=torch.long)
-        for r, row in enumerate(self.rows):
-            if row.finished:
-                continue
-            sampling = row.job.request.sampling
-            logits = scores[r].float()
-            if sampling.temperature == 0:
-                chosen[r] = int(logits.argmax())
-                continue
-            probs = torch.softmax(logits / sampling.temperature, dim=-1)
-            if sampling.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
-                sorted_probs[outside] = 0.0
-                chosen[r] = order[torch.multinomial(sorted_probs, 1, generator=row.generator)]
-            else:
-                chosen[r] = torch.multinomial(probs, 1, generator=row.generator)
-        out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(len(self.rows)), chosen.to(scores.device)] = 0.0
-        return out
+        uniform = torch.tensor([0.0 if row.finished else row.random.random() for row in self.rows])
+        chosen = sample_rows(scores, self.temperature, self.top_p, uniform.to(scores.device))
+        finished = torch.tensor([row.finished for row in self.rows], device=scores.device)
+        chosen[finished] = self.pad_id
+        # `scores` is generate's own float32 copy of this step's logits: marking the chosen token +inf
+        # in place makes its argmax pick it, without writing the whole (rows x vocabulary) tensor.
+        return scores.scatter_(1, chosen[:, None], float("inf"))
 
 
 class _RowMonitor(StoppingCriteria):
@@ -115,6 +130,7 @@ class _RowMonitor(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         last = input_ids[:, -1].tolist()
+        out: list[tuple[_Job, ChoiceDelta]] = []
         for row, token in zip(self.rows, last, strict=True):
             if row.finished:
                 continue
@@ -123,15 +139,16 @@ class _RowMonitor(StoppingCriteria):
                 continue
             row.tokens += 1
             if token in self.eos_ids:
-                row.finish(row.stopper.push(row.detokenizer.flush()) + row.stopper.flush(), "stop")
+                out.append(row.drain("stop"))
                 continue
             text = row.stopper.push(row.detokenizer.push(token))
             if row.stopper.stopped:
-                row.finish(text, "stop")
+                out.append(row.finish(text, "stop"))
             elif row.tokens >= row.job.request.sampling.max_tokens:
-                row.finish(text + row.stopper.push(row.detokenizer.flush()) + row.stopper.flush(), "length")
+                out.append(row.drain("length", text))
             elif text:
-                row.job.put(ChoiceDelta(row.index, text, row.tokens))
+                out.append(row.delta(text))
+        _send(out)
         return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
 
 
@@ -203,12 +220,15 @@ class TransformersEngine(Engine):
         remaining = job.request.sampling.n
         try:
             while remaining:
-                item = await job.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    remaining -= 1
-                yield item
+                items = [await job.queue.get()]
+                while not job.queue.empty():
+                    items.append(job.queue.get_nowait())
+                for item in coalesce(items):
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finish_reason is not None:
+                        remaining -= 1
+                    yield item
         finally:
             job.cancelled = True
             with self._cv:
@@ -270,20 +290,14 @@ class TransformersEngine(Engine):
         for job in batch:
             sampling = job.request.sampling
             for index in range(sampling.n):
-                generator = torch.Generator()
-                seed = (
-                    sampling.seed + index
-                    if sampling.seed is not None
-                    else int.from_bytes(os.urandom(8), "little")
-                )
-                generator.manual_seed(seed)
+                seed = sampling.seed + index if sampling.seed is not None else None
                 rows.append(
                     _Row(
                         job,
                         index,
                         IncrementalDetokenizer(self.tokenizer),
                         StopMatcher(sampling.stop),
-                        generator,
+                        random.Random(seed),
                     )
                 )
         return rows
@@ -308,12 +322,10 @@ class TransformersEngine(Engine):
         self.model.generate(
             **inputs,
             generation_config=config,
-            logits_processor=LogitsProcessorList([_RowSampler(rows, self.pad_id)]),
+            logits_processor=LogitsProcessorList([_RowSampler(rows, self.pad_id, self.model.device)]),
             stopping_criteria=StoppingCriteriaList([_RowMonitor(rows, self.eos_ids)]),
         )
-        for row in rows:
-            if not row.finished and not row.job.cancelled:
-                row.finish(row.stopper.push(row.detokenizer.flush()) + row.stopper.flush(), "length")
+        _send([row.drain("length") for row in rows if not row.finished and not row.job.cancelled])
 
     async def shutdown(self) -> None:
         with self._cv:
