@@ -20,7 +20,7 @@ from observe_r1.modeling import position_ids
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (rows, heads, columns, head dim)
 
 
-def _kv(cache) -> KV:
+def _kv(cache: DynamicCache) -> KV:
     return [(k, v) for k, v, _ in cache]
 
 
@@ -35,9 +35,11 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 @dataclass
 class RunningBatch:
-    kv: KV
+    # Kept across steps, which extend it in place: building a cache from tensors copies all of them.
+    cache: DynamicCache
     mask: torch.Tensor  # (rows, columns): 1 where a column holds one of the row's tokens
     next_positions: torch.Tensor  # (4, rows, 1): the position ids of each row's next token
+    config: object  # the model's, for the cache's layer types
 
     @property
     def rows(self) -> int:
@@ -59,36 +61,37 @@ class RunningBatch:
             inputs[key] = inputs[key][:, cached:]
         positions = positions[..., cached:]
         out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-        batch = cls(_kv(out.past_key_values), inputs["attention_mask"], positions[..., -1:] + 1)
+        batch = cls(out.past_key_values, inputs["attention_mask"], positions[..., -1:] + 1, model.config)
         return batch, out.logits[:, -1].float()
 
     @torch.inference_mode()
     def step(self, model, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row's latest token (rows,); return the logits for the next one."""
         mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], 1)
-        cache = DynamicCache(self.kv, config=model.config)
         out = model(
             input_ids=tokens[:, None],
             attention_mask=mask,
             position_ids=self.next_positions,
-            past_key_values=cache,
+            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        self.kv, self.mask, self.next_positions = _kv(out.past_key_values), mask, self.next_positions + 1
+        self.mask, self.next_positions = mask, self.next_positions + 1
         return out.logits[:, -1].float()
 
     def join(self, other: RunningBatch) -> RunningBatch:
         """This batch's rows followed by `other`'s, the shorter side padded on the left."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         kv = [
-            tuple(
-                torch.cat([_pad_left(a, width, 2), _pad_left(b, width, 2)]) for a, b in zip(x, y, strict=True)
+            (
+                torch.cat([_pad_left(k, width, 2), _pad_left(k2, width, 2)]),
+                torch.cat([_pad_left(v, width, 2), _pad_left(v2, width, 2)]),
             )
-            for x, y in zip(self.kv, other.kv, strict=True)
+            for (k, v), (k2, v2) in zip(_kv(self.cache), _kv(other.cache), strict=True)
         ]
         mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
-        return RunningBatch(kv, mask, torch.cat([self.next_positions, other.next_positions], 1))
+        positions = torch.cat([self.next_positions, other.next_positions], 1)
+        return RunningBatch(DynamicCache(kv, config=self.config), mask, positions, self.config)
 
     def keep(self, rows: list[int]) -> RunningBatch:
         """Only the given rows, without the leading columns none of them uses any more."""
@@ -96,5 +99,6 @@ class RunningBatch:
         mask = self.mask[index]
         used = mask.any(0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
-        kv = [(k[index, :, start:], v[index, :, start:]) for k, v in self.kv]
-        return RunningBatch(kv, mask[:, start:], self.next_positions[:, index])
+        kv = [(k[index, :, start:], v[index, :, start:]) for k, v in _kv(self.cache)]
+        cache = DynamicCache(kv, config=self.config)
+        return RunningBatch(cache, mask[:, start:], self.next_positions[:, index], self.config)

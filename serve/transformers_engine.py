@@ -227,23 +227,23 @@ class TransformersEngine(Engine):
         rows: list[_Row] = []
         tokens: list[int] = []
         while (jobs := self._admit(self.config.max_batch_size - len(rows), len(rows))) is not None:
+            joined = None
             if jobs:
                 try:
                     joined, new_rows, first = self._start(jobs)
                 except Exception as e:  # a failed prefill fails its own requests only
                     log.exception("prefill failed for %d requests", len(jobs))
                     self._fail(jobs, e)
-                    continue
-                batch = joined if batch is None else batch.join(joined)
-                rows += new_rows
-                tokens += first
-            if not rows:
+            if joined is None and not rows:
                 continue
             try:
+                if joined is not None:
+                    batch = joined if batch is None else batch.join(joined)
+                    rows, tokens = rows + new_rows, tokens + first
                 batch, rows, tokens = self._step(batch, rows, tokens)
             except Exception as e:  # a failed step fails the requests in it, never the worker
                 log.exception("decoding failed for a batch of %d rows", len(rows))
-                self._fail(list({row.job: None for row in rows}), e)
+                self._fail(list({row.job: None for row in rows} | dict.fromkeys(jobs if joined else [])), e)
                 batch, rows, tokens = None, [], []
 
     def _fail(self, jobs: list[_Job], error: Exception) -> None:
