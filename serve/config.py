@@ -28,10 +28,12 @@ class ServerConfig:
     allow_local_images: bool = False
     allow_remote_images: bool = True  # http(s) image URLs; off where the server must not fetch (SSRF)
     image_fetch_timeout_s: float = 10.0
-    # Scheduling: how many sequences are decoded together, and how many requests may wait for a place.
+    # Scheduling: how many sequences share one generate call, and how many requests may wait.
     max_batch_size: int = 32
     max_waiting: int = 256
-    # Prefill the shared system turn once and start every prefill from its cached keys and values.
+    batch_wait_ms: float = 30.0  # a batch starts once no new request has arrived for this long ...
+    max_batch_wait_ms: float = 500.0  # ... or this long after its first request, whichever is first
+    # Prefill the shared system turn once and start every batch from its cached keys and values.
     prefix_cache: bool = True
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0

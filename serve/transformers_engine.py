@@ -1,17 +1,18 @@
-"""The transformers engine: continuous batching of concurrent requests on one decoding loop.
+"""The transformers engine: concurrent requests share batched `generate` calls.
 
-Requests wait in a bounded queue. A worker thread runs the decoding loop: before every step it
-admits the waiting requests that fit in `max_batch_size` rows, prefills them together and joins
-them to the running rows (`serve.running_batch.RunningBatch`); finished rows leave after the step
-that ends them. No request waits for a batch to form or for another to finish, and the rows of a
-step are whatever is in flight, as in vLLM. With `prefix_cache` (the default), a prefill starts from
-the cached keys and values of the system turn its rows share (`serve.batch_inputs.PrefixCache`), so
-only the rest of each prompt is computed.
-
-Each row is sampled with its own temperature, top-p and random stream (`serve.sampling`), and its
-tokens are detokenised, checked against its stop strings and `max_tokens`, and streamed to its
-request; a row whose client went away ends at the next step. So a request's output does not depend
-on what it shares the loop with.
+Requests wait in a bounded queue; a worker thread takes as many as fit in `max_batch_size` sequences,
+left-pads them into one batch and runs one `generate`. Clients that come back together after a batch
+reach the queue spread over hundreds of milliseconds (each request is parsed, its images decoded and
+its prompt processed in turn), so a batch starts only once no request has arrived for
+`batch_wait_ms` and none is still being prepared, at most `max_batch_wait_ms` after its first
+request. A lone client (the previous batch had one row and nothing else is pending) never waits.
+With `prefix_cache` (the default), a batch starts from the cached keys and values of the system turn
+its rows share (`serve.batch_inputs.PrefixCache`), so only the rest of each prompt is prefilled.
+Two hooks make one shared call behave like separate requests:
+- `_RowSampler` (a logits processor) samples each row with its own temperature, top-p and seeded
+  generator, so a request's output does not depend on its batch neighbours' settings;
+- `_RowMonitor` (a stopping criterion) sees each new token, streams it to its request, applies
+  stop strings and per-request `max_tokens`, and ends rows whose client went away.
 """
 
 from __future__ import annotations
@@ -21,10 +22,18 @@ import collections
 import logging
 import random
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from observe_r1.modeling import load_model, load_processor
 from serve.batch_inputs import PrefixCache, collate
@@ -40,7 +49,6 @@ from serve.engine import (
     StopMatcher,
     coalesce,
 )
-from serve.running_batch import RunningBatch
 from serve.sampling import sample_rows
 
 log = logging.getLogger("observe_r1.serve")
@@ -94,35 +102,54 @@ class _Row:
         return self.finish(text + self.stopper.push(self.detokenizer.flush()) + self.stopper.flush(), reason)
 
 
-def _sample(rows: list[_Row], logits: torch.Tensor) -> list[int]:
-    """Each row's next token, with its own settings and random stream."""
-    options = [row.job.request.sampling for row in rows]
-    uniform = torch.tensor([row.random.random() for row in rows], device=logits.device)
-    temperature = torch.tensor([o.temperature for o in options], device=logits.device)
-    top_p = torch.tensor([o.top_p for o in options], device=logits.device)
-    return sample_rows(logits, temperature, top_p, uniform).tolist()
+class _RowSampler(LogitsProcessor):
+    """Chooses every row's next token itself (`serve.sampling.sample_rows`, each row with its own
+    settings and random stream) and returns logits that make greedy decoding pick it."""
+
+    def __init__(self, rows: list[_Row], pad_id: int, device: torch.device):
+        self.rows = rows
+        self.pad_id = pad_id
+        options = [row.job.request.sampling for row in rows]
+        self.temperature = torch.tensor([o.temperature for o in options], device=device)
+        self.top_p = torch.tensor([o.top_p for o in options], device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        uniform = torch.tensor([0.0 if row.finished else row.random.random() for row in self.rows])
+        chosen = sample_rows(scores, self.temperature, self.top_p, uniform.to(scores.device))
+        finished = torch.tensor([row.finished for row in self.rows], device=scores.device)
+        chosen[finished] = self.pad_id
+        # `scores` is generate's own float32 copy of this step's logits: marking the chosen token +inf
+        # in place makes its argmax pick it, without writing the whole (rows x vocabulary) tensor.
+        return scores.scatter_(1, chosen[:, None], float("inf"))
 
 
-def _advance(rows: list[_Row], tokens: list[int], eos_ids: set[int]) -> None:
-    """Record each row's new token: stream its text, end the row on an end token, a stop string,
-    its `max_tokens` or a client that went away."""
-    out: list[tuple[_Job, ChoiceDelta]] = []
-    for row, token in zip(rows, tokens, strict=True):
-        if row.job.cancelled:
-            row.finished = True
-            continue
-        row.tokens += 1
-        if token in eos_ids:
-            out.append(row.drain("stop"))
-            continue
-        text = row.stopper.push(row.detokenizer.push(token))
-        if row.stopper.stopped:
-            out.append(row.finish(text, "stop"))
-        elif row.tokens >= row.job.request.sampling.max_tokens:
-            out.append(row.drain("length", text))
-        elif text:
-            out.append(row.delta(text))
-    _send(out)
+class _RowMonitor(StoppingCriteria):
+    def __init__(self, rows: list[_Row], eos_ids: set[int]):
+        self.rows = rows
+        self.eos_ids = eos_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        last = input_ids[:, -1].tolist()
+        out: list[tuple[_Job, ChoiceDelta]] = []
+        for row, token in zip(self.rows, last, strict=True):
+            if row.finished:
+                continue
+            if row.job.cancelled:
+                row.finished = True
+                continue
+            row.tokens += 1
+            if token in self.eos_ids:
+                out.append(row.drain("stop"))
+                continue
+            text = row.stopper.push(row.detokenizer.push(token))
+            if row.stopper.stopped:
+                out.append(row.finish(text, "stop"))
+            elif row.tokens >= row.job.request.sampling.max_tokens:
+                out.append(row.drain("length", text))
+            elif text:
+                out.append(row.delta(text))
+        _send(out)
+        return torch.tensor([row.finished for row in self.rows], device=input_ids.device)
 
 
 class TransformersEngine(Engine):
@@ -146,6 +173,8 @@ class TransformersEngine(Engine):
         self._waiting: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self._preparing = 0
+        self._last_batch_rows = 0
         self._worker = threading.Thread(target=self._loop, name="generate-worker", daemon=True)
         self._worker.start()
 
@@ -160,11 +189,18 @@ class TransformersEngine(Engine):
         return dict(features)
 
     async def prepare(self, request: EngineRequest, max_prompt_tokens: int) -> None:
-        inputs = await asyncio.to_thread(self._process, request)
-        request.prompt_tokens = int(inputs["input_ids"].shape[1])
-        if request.prompt_tokens > max_prompt_tokens:
-            raise PromptTooLongError(request.prompt_tokens, max_prompt_tokens)
-        request.inputs = inputs
+        with self._cv:
+            self._preparing += 1
+        try:
+            inputs = await asyncio.to_thread(self._process, request)
+            request.prompt_tokens = int(inputs["input_ids"].shape[1])
+            if request.prompt_tokens > max_prompt_tokens:
+                raise PromptTooLongError(request.prompt_tokens, max_prompt_tokens)
+            request.inputs = inputs
+        finally:
+            with self._cv:
+                self._preparing -= 1
+                self._cv.notify()
 
     def generate(self, request: EngineRequest) -> AsyncIterator[ChoiceDelta]:
         if request.inputs is None:
@@ -200,56 +236,54 @@ class TransformersEngine(Engine):
                     self._waiting.remove(job)
                     self.stats.waiting = len(self._waiting)
 
-    def _admit(self, free_rows: int, running: int) -> list[_Job] | None:
-        """The waiting requests that fit in `free_rows` rows, in arrival order; blocks while nothing
-        runs or waits. None once the engine is stopping and has nothing left to do."""
+    def _rows_waiting(self) -> int:
+        return sum(j.request.sampling.n for j in self._waiting)
+
+    def _take_batch(self) -> list[_Job] | None:
+        """Block until work arrives, then take the jobs that fit in one batch (at least one)."""
+        limit = self.config.max_batch_size
         with self._cv:
-            while not running and not self._waiting and not self._stopping:
+            while not self._waiting and not self._stopping:
                 self._cv.wait()
-            if not running and not self._waiting:
+            if not self._waiting:
                 return None
-            jobs: list[_Job] = []
-            while self._waiting and self._waiting[0].request.sampling.n <= free_rows:
+            start = last_arrival = time.monotonic()
+            cap = start + self.config.max_batch_wait_ms / 1000
+            gap = self.config.batch_wait_ms / 1000
+            rows = self._rows_waiting()
+            alone = self._last_batch_rows <= 1 and rows == 1 and not self._preparing
+            while not alone and rows < limit and not self._stopping:
+                now = time.monotonic()
+                if self._rows_waiting() != rows:
+                    rows, last_arrival = self._rows_waiting(), now
+                deadline = cap if self._preparing else min(cap, last_arrival + gap)
+                if now >= deadline:
+                    break
+                self._cv.wait(timeout=deadline - now)
+            batch: list[_Job] = []
+            rows = 0
+            while self._waiting and (not batch or rows + self._waiting[0].request.sampling.n <= limit):
                 job = self._waiting.popleft()
                 if not job.cancelled:
-                    jobs.append(job)
-                    free_rows -= job.request.sampling.n
+                    batch.append(job)
+                    rows += job.request.sampling.n
             self.stats.waiting = len(self._waiting)
-            self.stats.running += len(jobs)
-            return jobs
-
-    def _release(self, jobs: set[_Job]) -> None:
-        with self._cv:
-            self.stats.running -= len(jobs)
+            self.stats.running += len(batch)
+            self._last_batch_rows = rows
+            return batch
 
     def _loop(self) -> None:
-        batch: RunningBatch | None = None
-        rows: list[_Row] = []
-        tokens: list[int] = []
-        while (jobs := self._admit(self.config.max_batch_size - len(rows), len(rows))) is not None:
-            joined = None
-            if jobs:
-                try:
-                    joined, new_rows, first = self._start(jobs)
-                except Exception as e:  # a failed prefill fails its own requests only
-                    log.exception("prefill failed for %d requests", len(jobs))
-                    self._fail(jobs, e)
-            if joined is None and not rows:
-                continue
+        while (batch := self._take_batch()) is not None:
             try:
-                if joined is not None:
-                    batch = joined if batch is None else batch.join(joined)
-                    rows, tokens = rows + new_rows, tokens + first
-                batch, rows, tokens = self._step(batch, rows, tokens)
-            except Exception as e:  # a failed step fails the requests in it, never the worker
-                log.exception("decoding failed for a batch of %d rows", len(rows))
-                self._fail(list({row.job: None for row in rows} | dict.fromkeys(jobs if joined else [])), e)
-                batch, rows, tokens = None, [], []
-
-    def _fail(self, jobs: list[_Job], error: Exception) -> None:
-        for job in jobs:
-            job.put(error)
-        self._release(set(jobs))
+                if batch:
+                    self._run(batch)
+            except Exception as e:  # a failed batch fails its requests, never the worker
+                log.exception("generate failed for a batch of %d requests", len(batch))
+                for job in batch:
+                    job.put(e)
+            finally:
+                with self._cv:
+                    self.stats.running -= len(batch)
 
     def _rows(self, batch: list[_Job]) -> list[_Row]:
         rows = []
@@ -269,39 +303,29 @@ class TransformersEngine(Engine):
         return rows
 
     def _inputs(self, items: list[dict]) -> dict:
-        """The prefill's inputs: from the cached system turn where rows share one, else plainly
-        left-padded."""
+        """The batch's `generate` inputs: from the cached system turn where rows share one, else
+        plainly left-padded."""
         if self.prefix_cache is not None and (inputs := self.prefix_cache.inputs(items)) is not None:
             return inputs
         return {k: v.to(self.model.device) for k, v in collate(items, self.pad_id).items()}
 
     @torch.inference_mode()
-    def _start(self, jobs: list[_Job]) -> tuple[RunningBatch, list[_Row], list[int]]:
-        """Prefill newly admitted requests: their batch, their rows and each row's first token."""
-        rows = self._rows(jobs)
-        batch, logits = RunningBatch.prefill(
-            self.model, self._inputs([row.job.request.inputs for row in rows])
+    def _run(self, batch: list[_Job]) -> None:
+        rows = self._rows(batch)
+        inputs = self._inputs([row.job.request.inputs for row in rows])
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=max(row.job.request.sampling.max_tokens for row in rows),
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
         )
-        return batch, rows, _sample(rows, logits)
-
-    @torch.inference_mode()
-    def _step(
-        self, batch: RunningBatch, rows: list[_Row], tokens: list[int]
-    ) -> tuple[RunningBatch | None, list[_Row], list[int]]:
-        """Stream the rows' latest tokens, drop the rows that ended, and decode the next token of the
-        rest."""
-        _advance(rows, tokens, self.eos_ids)
-        alive = [i for i, row in enumerate(rows) if not row.finished]
-        ended = {row.job for row in rows} - {rows[i].job for i in alive}
-        if ended:
-            self._release(ended)
-        if len(alive) < len(rows):
-            if not alive:
-                return None, [], []
-            batch = batch.keep(alive)
-            rows, tokens = [rows[i] for i in alive], [tokens[i] for i in alive]
-        logits = batch.step(self.model, torch.tensor(tokens, device=self.model.device))
-        return batch, rows, _sample(rows, logits)
+        self.model.generate(
+            **inputs,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([_RowSampler(rows, self.pad_id, self.model.device)]),
+            stopping_criteria=StoppingCriteriaList([_RowMonitor(rows, self.eos_ids)]),
+        )
+        _send([row.drain("length") for row in rows if not row.finished and not row.job.cancelled])
 
     async def shutdown(self) -> None:
         with self._cv:

@@ -195,7 +195,7 @@ def test_two_hundred_requests_at_concurrency_32_are_all_answered(server):
 
 
 def test_a_full_queue_answers_429_with_retry_after_never_hangs(start_server):
-    s = start_server("--max-batch-size", "1", "--max-waiting", "1")
+    s = start_server("--max-batch-size", "1", "--max-waiting", "1", "--batch-wait-ms", "0")
 
     async def run():
         async with httpx.AsyncClient(base_url=s.base_url, timeout=120) as c:
