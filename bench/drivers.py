@@ -98,6 +98,24 @@ def in_process(model_dir: Path, image, batches: tuple[int, ...], max_tokens: int
     return out
 
 
+def merge_in_process(rounds: list[dict]) -> dict:
+    """In-process measurements of several rounds as one: medians over every timed run."""
+    merged: dict[str, dict] = {}
+    for mode, batches in rounds[0].items():
+        merged[mode] = {}
+        for batch, first in batches.items():
+            rows = [r[mode][batch] for r in rounds]
+            runs = [rate for row in rows for rate in row["runs_tokens_per_s"]]
+            merged[mode][batch] = {
+                **first,
+                "tokens_per_s": statistics.median(runs),
+                "runs_tokens_per_s": runs,
+                "batch_s": statistics.median(row["batch_s"] for row in rows),
+                "prefill_s": statistics.median(row["prefill_s"] for row in rows),
+            }
+    return merged
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -193,6 +211,15 @@ async def _sample_running(client: httpx.AsyncClient, base: str, samples: list[fl
         await asyncio.sleep(0.25)
 
 
+@dataclass
+class LevelRun:
+    """One stretch of requests at one concurrency: a level is measured in several, spread over the run."""
+
+    results: list[RequestResult]
+    wall_s: float
+    running: list[float]  # samples of the server's running-requests gauge
+
+
 async def run_level(
     base: str,
     model: str,
@@ -203,9 +230,9 @@ async def run_level(
     timeout_s: float,
     seed0: int,
     sample_running: bool,
-) -> dict:
+) -> LevelRun:
     """`n` requests from `concurrency` closed-loop clients (each sends its next request as soon as
-    its previous one ends); throughput is over the level's wall time."""
+    its previous one ends)."""
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
@@ -227,7 +254,7 @@ async def run_level(
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
-    return summarize(results, wall, concurrency, running)
+    return LevelRun(results, wall, running)
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -240,7 +267,12 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-def summarize(results: list[RequestResult], wall: float, concurrency: int, running: list[float]) -> dict:
+def summarize(concurrency: int, runs: list[LevelRun]) -> dict:
+    """A level over all its stretches: throughput is tokens over the summed wall time, percentiles are
+    over every request."""
+    results = [r for run in runs for r in run.results]
+    running = [x for run in runs for x in run.running]
+    wall = sum(run.wall_s for run in runs)
     ok = [r for r in results if r.error is None]
     tokens = sum(r.completion_tokens for r in ok)
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -252,6 +284,9 @@ def summarize(results: list[RequestResult], wall: float, concurrency: int, runni
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "wall_s": wall,
+        "stretches_tokens_per_s": [
+            sum(r.completion_tokens for r in run.results if r.error is None) / run.wall_s for run in runs
+        ],
         "completion_tokens": tokens,
         "mean_completion_tokens": tokens / len(ok) if ok else None,
         "prompt_tokens": ok[0].prompt_tokens if ok else None,

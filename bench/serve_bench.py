@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -35,7 +37,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drivers import REPO, ServerStartError, free_port, in_process, log, run_level, server
+from drivers import (
+    REPO,
+    LevelRun,
+    ServerStartError,
+    free_port,
+    in_process,
+    log,
+    merge_in_process,
+    run_level,
+    server,
+    summarize,
+)
 from report import plot, render_markdown, seconds, targets
 from workload import CONCURRENCY, make_image, png_data_url
 
@@ -155,50 +168,54 @@ def scaled(requests: dict[int, int], scale: float) -> dict[int, int]:
     return {c: max(c, round(n * scale)) for c, n in requests.items()}
 
 
-def run_setup(setup: Setup, image_url: str, args: argparse.Namespace, log_dir: Path) -> None:
+def start_setup(
+    stack: contextlib.ExitStack, setup: Setup, image_url: str, args: argparse.Namespace, log_dir: Path
+) -> str | None:
+    """Start the setup's server (stopped when `stack` closes) and warm it up; its base URL, or None
+    when it is skipped or fails (the reason is recorded in the setup)."""
     if setup.error:
         log(f"{setup.label}: skipped: {setup.error}")
-        return
+        return None
     log(f"starting {setup.label}")
     port = free_port()
     try:
-        with server(
-            setup.command(port), setup.ready_path, port, log_dir / f"{setup.key}.log", args.start_timeout
-        ) as base:
-
-            def level(concurrency: int, n: int, seed0: int) -> dict:
-                return asyncio.run(
-                    run_level(
-                        base,
-                        setup.model,
-                        image_url,
-                        concurrency,
-                        n,
-                        args.max_tokens,
-                        args.request_timeout,
-                        seed0,
-                        setup.sample_running,
-                    )
-                )
-
-            start = time.perf_counter()
-            warm = [level(1, 2, 10_000), level(setup.warmup_burst, setup.warmup_burst, 20_000)]
-            failed = next((w["first_error"] for w in warm if w["errors"]), None)
-            if failed:
-                raise ServerStartError(f"warm-up requests failed: {failed}")
-            log(f"{setup.label}: ready and warmed up in {time.perf_counter() - start:.1f}s")
-            for concurrency, n in setup.requests.items():
-                result = level(concurrency, n, 1000 * concurrency)
-                setup.levels.append(result)
-                log(
-                    f"{setup.label} c={concurrency}: {result['ok']}/{n} ok, {result['tokens_per_s']:.1f} tok/s, "
-                    f"{result['requests_per_s']:.2f} req/s, p50 {seconds(result['latency_p50_s'])}, "
-                    f"p90 {seconds(result['latency_p90_s'])}, TTFT p50 {seconds(result['ttft_p50_s'])}, "
-                    f"{result['wall_s']:.1f}s, load {result['load_avg_1m']:.2f}"
-                )
+        base = stack.enter_context(
+            server(
+                setup.command(port), setup.ready_path, port, log_dir / f"{setup.key}.log", args.start_timeout
+            )
+        )
+        start = time.perf_counter()
+        warm = [
+            drive(setup, base, image_url, args, 1, 2, 10_000),
+            drive(setup, base, image_url, args, setup.warmup_burst, setup.warmup_burst, 20_000),
+        ]
+        failed = next((r.error for run in warm for r in run.results if r.error), None)
+        if failed:
+            raise ServerStartError(f"warm-up requests failed: {failed}")
     except ServerStartError as e:
         setup.error = str(e)
         log(f"{setup.label}: FAILED: {e}")
+        return None
+    log(f"{setup.label}: ready and warmed up in {time.perf_counter() - start:.1f}s")
+    return base
+
+
+def drive(
+    setup: Setup, base: str, image_url: str, args: argparse.Namespace, concurrency: int, n: int, seed0: int
+) -> LevelRun:
+    return asyncio.run(
+        run_level(
+            base,
+            setup.model,
+            image_url,
+            concurrency,
+            n,
+            args.max_tokens,
+            args.request_timeout,
+            seed0,
+            setup.sample_running,
+        )
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -207,7 +224,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every level's request count")
-    parser.add_argument("--repeats", type=int, default=3, help="timed in-process runs per batch size")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed in-process runs per batch size and round"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="measure every level in this many interleaved stretches, so that drift in the machine's "
+        "speed reaches every setup alike",
+    )
     parser.add_argument("--skip-peer", action="store_true", help="leave out transformers serve")
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--start-timeout", type=float, default=180.0)
@@ -239,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
-    inproc = in_process(model_dir, image, (1, max(CONCURRENCY)), args.max_tokens, args.repeats)
     setups = [
         our_server(
             32, "batched", "observe-r1 serve (batched, 32)", model_dir, scaled(BATCHED_REQUESTS, args.scale)
@@ -256,8 +281,43 @@ def main(argv: list[str] | None = None) -> int:
         setups.append(
             peer_server(build_peer_model(model_dir, out / "peer-model"), scaled(PEER_REQUESTS, args.scale))
         )
-    for setup in setups:
-        run_setup(setup, image_url, args, out / "logs")
+    top = max(CONCURRENCY)
+    runs: dict[str, dict[int, list[LevelRun]]] = {s.key: {c: [] for c in CONCURRENCY} for s in setups}
+    inproc_rounds = []
+    with contextlib.ExitStack() as stack:
+        bases = {s.key: start_setup(stack, s, image_url, args, out / "logs") for s in setups}
+        live = [s for s in setups if bases[s.key]]
+        for round_ in range(args.rounds):
+            # Each level runs on every server back to back, and in-process generate right after the
+            # top level: the numbers a target compares are taken minutes apart at most.
+            for concurrency in CONCURRENCY:
+                for setup in live:
+                    n = max(concurrency, math.ceil(setup.requests[concurrency] / args.rounds))
+                    run = drive(
+                        setup,
+                        bases[setup.key],
+                        image_url,
+                        args,
+                        concurrency,
+                        n,
+                        1000 * concurrency + 100 * round_,
+                    )
+                    runs[setup.key][concurrency].append(run)
+                    level = summarize(concurrency, [run])
+                    log(
+                        f"round {round_ + 1}/{args.rounds} {setup.label} c={concurrency}: {level['ok']}/{n} ok, "
+                        f"{level['tokens_per_s']:.1f} tok/s, p50 {seconds(level['latency_p50_s'])}, "
+                        f"TTFT p50 {seconds(level['ttft_p50_s'])}, {level['wall_s']:.1f}s, "
+                        f"load {level['load_avg_1m']:.2f}"
+                    )
+                if concurrency == top:
+                    inproc_rounds.append(
+                        in_process(model_dir, image, (1, top), args.max_tokens, args.repeats)
+                    )
+    for setup in live:
+        setup.levels = [summarize(c, runs[setup.key][c]) for c in CONCURRENCY]
+    inproc = merge_in_process(inproc_rounds)
+    meta["rounds"] = args.rounds
 
     goals = targets(setups, inproc)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
