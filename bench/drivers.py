@@ -284,9 +284,7 @@ def summarize(concurrency: int, runs: list[LevelRun]) -> dict:
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "wall_s": wall,
-        "stretches_tokens_per_s": [
-            sum(r.completion_tokens for r in run.results if r.error is None) / run.wall_s for run in runs
-        ],
+        "stretches": len(runs),
         "completion_tokens": tokens,
         "mean_completion_tokens": tokens / len(ok) if ok else None,
         "prompt_tokens": ok[0].prompt_tokens if ok else None,

@@ -288,27 +288,35 @@ def main(argv: list[str] | None = None) -> int:
         bases = {s.key: start_setup(stack, s, image_url, args, out / "logs") for s in setups}
         live = [s for s in setups if bases[s.key]]
         for round_ in range(args.rounds):
-            # Each level runs on every server back to back, and in-process generate right after the
-            # top level: the numbers a target compares are taken minutes apart at most.
+            # Each level runs on every server back to back (at concurrency 1, request by request in
+            # turn), and in-process generate right after the top level: the numbers a target compares
+            # are taken seconds to a minute apart, never a whole run apart.
             for concurrency in CONCURRENCY:
+                counts = {
+                    s.key: max(concurrency, math.ceil(s.requests[concurrency] / args.rounds)) for s in live
+                }
+                stretches: dict[str, list[LevelRun]] = {s.key: [] for s in live}
+                seed0 = 1000 * concurrency + 100 * round_
+                if concurrency == 1:
+                    for i in range(max(counts.values(), default=0)):
+                        for setup in live:
+                            if i < counts[setup.key]:
+                                run = drive(setup, bases[setup.key], image_url, args, 1, 1, seed0 + i)
+                                stretches[setup.key].append(run)
+                else:
+                    for setup in live:
+                        run = drive(
+                            setup, bases[setup.key], image_url, args, concurrency, counts[setup.key], seed0
+                        )
+                        stretches[setup.key].append(run)
                 for setup in live:
-                    n = max(concurrency, math.ceil(setup.requests[concurrency] / args.rounds))
-                    run = drive(
-                        setup,
-                        bases[setup.key],
-                        image_url,
-                        args,
-                        concurrency,
-                        n,
-                        1000 * concurrency + 100 * round_,
-                    )
-                    runs[setup.key][concurrency].append(run)
-                    level = summarize(concurrency, [run])
+                    runs[setup.key][concurrency] += stretches[setup.key]
+                    level = summarize(concurrency, stretches[setup.key])
                     log(
-                        f"round {round_ + 1}/{args.rounds} {setup.label} c={concurrency}: {level['ok']}/{n} ok, "
-                        f"{level['tokens_per_s']:.1f} tok/s, p50 {seconds(level['latency_p50_s'])}, "
-                        f"TTFT p50 {seconds(level['ttft_p50_s'])}, {level['wall_s']:.1f}s, "
-                        f"load {level['load_avg_1m']:.2f}"
+                        f"round {round_ + 1}/{args.rounds} {setup.label} c={concurrency}: "
+                        f"{level['ok']}/{counts[setup.key]} ok, {level['tokens_per_s']:.1f} tok/s, "
+                        f"p50 {seconds(level['latency_p50_s'])}, TTFT p50 {seconds(level['ttft_p50_s'])}, "
+                        f"{level['wall_s']:.1f}s, load {level['load_avg_1m']:.2f}"
                     )
                 if concurrency == top:
                     inproc_rounds.append(
