@@ -9,10 +9,12 @@ request. A lone client (the previous batch had one row and nothing else is pendi
 With `prefix_cache` (the default), a batch starts from the cached keys and values of the system turn
 its rows share (`serve.batch_inputs.PrefixCache`), so only the rest of each prompt is prefilled.
 Two hooks make one shared call behave like separate requests:
-- `_RowSampler` (a logits processor) samples each row with its own temperature, top-p and seeded
-  generator, so a request's output does not depend on its batch neighbours' settings;
-- `_RowMonitor` (a stopping criterion) sees each new token, streams it to its request, applies
-  stop strings and per-request `max_tokens`, and ends rows whose client went away.
+- `_RowSampler` (a logits processor) samples all rows in one vectorised pass (`serve.sampling`),
+  each with its own temperature, top-p and seeded random stream, so a request's output does not
+  depend on its batch neighbours;
+- `_RowMonitor` (a stopping criterion) sees each new token, streams it to its request (a step's
+  text in one hand-over to the event loop), applies stop strings and per-request `max_tokens`, and
+  ends rows whose client went away.
 """
 
 from __future__ import annotations
