@@ -168,6 +168,20 @@ class Runner(abc.ABC):
         log.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
 
+    def micro_batches(self, n: int) -> list[list[int]]:
+        """The row indices of `n` rows in slices of `optim.micro_batch`."""
+        size = self.cfg.optim.micro_batch
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def backward_step(self, loss: torch.Tensor) -> float | None:
+        """One micro-batch's backward and step (DeepSpeed accumulates, and steps the optimizer at the
+        accumulation boundary); the global gradient norm when this micro-batch closed one, else None."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm() if boundary else None
+        return None if norm is None else float(norm)
+
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
             return metrics

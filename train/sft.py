@@ -125,25 +125,20 @@ class SFTTrainer(Runner):
     def step(self) -> StepResult:
         samples = self._rank_slice(self.stream.next_batch())
         batch = self._batch(samples)
-        model, engine = self.engine.module, self.engine
-        size = self.cfg.optim.micro_batch
+        model = self.engine.module
         losses, correct, norm = [], [], None
-        for start in range(0, len(samples), size):
-            rows = list(range(start, min(start + size, len(samples))))
+        for rows in self.micro_batches(len(samples)):
             logits = batch.completion_logits(model, rows)
             ids = batch.completion_ids[rows].to(logits.device)
             mask = batch.completion_mask[rows].to(logits.device)
             loss = -algorithms.masked_mean(algorithms.token_logprobs(logits, ids), mask)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
-            engine.step()
+            step_norm = self.backward_step(loss)
+            norm = norm if step_norm is None else step_norm
             losses.append(loss.item())
             correct.append(algorithms.masked_mean((logits.argmax(-1) == ids).float(), mask).item())
-            if boundary:
-                norm = engine.get_global_grad_norm()
         metrics = {"loss": sum(losses) / len(losses), "token_accuracy": sum(correct) / len(correct)}
         if norm is not None:
-            metrics["grad_norm"] = float(norm)
+            metrics["grad_norm"] = norm
         metrics = self.mean_over_ranks(metrics)
         metrics["lr"] = self.engine.get_lr()[0]
         return StepResult(metrics, [])

@@ -93,15 +93,11 @@ class GRPOTrainer(Runner):
             entropy = algorithms.entropy_from_logits(logits.detach() / self.cfg.rollout.temperature, mask)
         return logprobs, entropy
 
-    def _micro_batches(self, n: int) -> list[list[int]]:
-        size = self.cfg.optim.micro_batch
-        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-
     @torch.no_grad()
     def _score(self, model, batch: RolloutBatch) -> torch.Tensor:
         """Log-probs of every response under `model`, without gradients, micro-batch by micro-batch."""
         return torch.cat(
-            [self._logprobs(model, batch, rows)[0] for rows in self._micro_batches(len(batch.texts))]
+            [self._logprobs(model, batch, rows)[0] for rows in self.micro_batches(len(batch.texts))]
         )
 
     def _advantages(self, rewards: torch.Tensor, accuracy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +115,7 @@ class GRPOTrainer(Runner):
 
     def _update(self, batch: RolloutBatch, adv: torch.Tensor, old_lp, ref_lp) -> dict[str, float]:
         """PPO-clip updates over the step's responses; returns the means of the per-micro-batch stats."""
-        alg, engine = self.cfg.algorithm, self.engine
-        model = engine.module
+        alg, model = self.cfg.algorithm, self.engine.module
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
 
@@ -129,7 +124,7 @@ class GRPOTrainer(Runner):
             counts[key] = counts.get(key, 0) + 1
 
         for _ in range(alg.ppo_epochs):
-            for rows in self._micro_batches(len(batch.texts)):
+            for rows in self.micro_batches(len(batch.texts)):
                 logprobs, entropy = self._logprobs(model, batch, rows, with_entropy=True)
                 mask = batch.completion_mask[rows].to(logprobs.device)
                 old = logprobs.detach() if old_lp is None else old_lp[rows].to(logprobs.device)
@@ -161,17 +156,13 @@ class GRPOTrainer(Runner):
                             alg.agg,
                             self.cfg.rollout.max_new_tokens,
                         )
-                boundary = engine.is_gradient_accumulation_boundary()
-                engine.backward(loss)
-                engine.step()
+                norm = self.backward_step(loss)
                 add("loss", loss.detach())
                 add("entropy", entropy)
                 for key in ("clip_ratio", "approx_kl"):
                     add(key, stats[key])
-                if boundary:
-                    norm = engine.get_global_grad_norm()
-                    if norm is not None:
-                        add("grad_norm", norm)
+                if norm is not None:
+                    add("grad_norm", norm)
         return {k: sums[k] / counts[k] for k in sums}
 
     def step(self) -> StepResult:
