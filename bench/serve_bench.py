@@ -218,6 +218,30 @@ def drive(
     )
 
 
+def run_level_everywhere(
+    live: list[Setup],
+    bases: dict[str, str],
+    image_url: str,
+    args: argparse.Namespace,
+    concurrency: int,
+    counts: dict[str, int],
+    seed0: int,
+) -> dict[str, list[LevelRun]]:
+    """One level on every server back to back; at concurrency 1 the servers take requests in turn, one
+    by one, so a latency comparison is not skewed by the machine's drift."""
+    stretches: dict[str, list[LevelRun]] = {s.key: [] for s in live}
+    if concurrency > 1:
+        for setup in live:
+            stretches[setup.key].append(
+                drive(setup, bases[setup.key], image_url, args, concurrency, counts[setup.key], seed0)
+            )
+        return stretches
+    for i in range(max(counts.values(), default=0)):
+        for setup in (s for s in live if i < counts[s.key]):
+            stretches[setup.key].append(drive(setup, bases[setup.key], image_url, args, 1, 1, seed0 + i))
+    return stretches
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "serve")
@@ -242,7 +266,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-peer", action="store_true", help="leave out transformers serve")
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--start-timeout", type=float, default=180.0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,20 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                 counts = {
                     s.key: max(concurrency, math.ceil(s.requests[concurrency] / args.rounds)) for s in live
                 }
-                stretches: dict[str, list[LevelRun]] = {s.key: [] for s in live}
-                seed0 = 1000 * concurrency + 100 * round_
-                if concurrency == 1:
-                    for i in range(max(counts.values(), default=0)):
-                        for setup in live:
-                            if i < counts[setup.key]:
-                                run = drive(setup, bases[setup.key], image_url, args, 1, 1, seed0 + i)
-                                stretches[setup.key].append(run)
-                else:
-                    for setup in live:
-                        run = drive(
-                            setup, bases[setup.key], image_url, args, concurrency, counts[setup.key], seed0
-                        )
-                        stretches[setup.key].append(run)
+                stretches = run_level_everywhere(
+                    live, bases, image_url, args, concurrency, counts, 1000 * concurrency + 100 * round_
+                )
                 for setup in live:
                     runs[setup.key][concurrency] += stretches[setup.key]
                     level = summarize(concurrency, stretches[setup.key])
