@@ -35,18 +35,22 @@ def lmms_python() -> Path:
     return path
 
 
-def known_tasks(python: Path, include_path: Path) -> set[str]:
-    """Every task and group name lmms-eval knows, with our include path (about 20 s: it reads all YAML)."""
-    code = (
-        "import json, sys\nfrom lmms_eval.tasks import TaskManager\n"
-        "print(json.dumps(sorted(TaskManager(include_path=sys.argv[1]).all_tasks)))"
-    )
+def check_tasks(python: Path, include_path: Path, tasks: list[str], env: dict[str, str]) -> dict[str, str]:
+    """What keeps each of `tasks` from loading in lmms-eval's environment (eval/task_check.py: its YAML,
+    its functions and the modules its code imports, without its data); tasks that load are left out.
+    About 20 s: lmms-eval reads every task's YAML first."""
+    script = Path(__file__).with_name("task_check.py")
     proc = subprocess.run(
-        [str(python), "-c", code, str(include_path)], capture_output=True, text=True, timeout=600
+        [str(python), str(script), str(include_path), *tasks],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     if proc.returncode != 0:
-        raise EvalError(f"could not list lmms-eval's tasks with {python}:\n{proc.stderr[-3000:]}")
-    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+        raise EvalError(f"could not load lmms-eval's tasks with {python}:\n{proc.stderr[-3000:]}")
+    problems = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {task: problem for task, problem in problems.items() if problem}
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,9 @@ def judge_environment(benchmarks: list[suites.Benchmark], args: argparse.Namespa
                 f"{', '.join(needs)} cannot be scored without an LLM judge: pass --judge-model "
                 "(and --judge-base-url, --judge-api-key-env), or leave them out with --tasks"
             )
-        return {}
+        # lmms-eval's MathVerse module builds its judge's client on import, and the openai package refuses to
+        # build one without a key; with the judge off, the rule-based scorers never call it.
+        return {"USE_LLM_JUDGE": "False", "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY") or "no-judge"}
     key = os.environ.get(args.judge_api_key_env)
     if not key:
         raise EvalError(f"--judge-model is set but ${args.judge_api_key_env} (--judge-api-key-env) is empty")
@@ -235,22 +237,23 @@ def run(args: argparse.Namespace) -> int:
     settings["local_data"] = str(args.local_data) if args.local_data else None
     check_settings(out, settings)
     include_path = prepare_tasks(out, args.local_data, local=any(b.is_local for b in benchmarks))
-    if not all(b.is_local for b in benchmarks):
-        log("checking the task names with lmms-eval ...")
-        known = lmms.known_tasks(python, include_path)
-        unknown = [b.task for b in benchmarks if b.task not in known]
-        if unknown:
-            raise EvalError(f"unknown lmms-eval task(s): {', '.join(unknown)}")
-    if args.backend == "openai":
-        check_server(args.base_url, args.model)
-    atomic_write_text(out / "run.json", json.dumps(settings, indent=2) + "\n")
-
-    target = lmms.Target(args.backend, args.model, args.base_url, args.model_args)
     env = {
         **os.environ,
         **judge,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(lmms.REPO), os.environ.get("PYTHONPATH")])),
     }
+    if not all(b.is_local for b in benchmarks):
+        log("loading the tasks with lmms-eval ...")
+        problems = lmms.check_tasks(python, include_path, [b.task for b in benchmarks], env)
+        if problems:
+            raise EvalError(
+                "lmms-eval cannot run these tasks:\n" + "".join(f"  {t}: {p}\n" for t, p in problems.items())
+            )
+    if args.backend == "openai":
+        check_server(args.base_url, args.model)
+    atomic_write_text(out / "run.json", json.dumps(settings, indent=2) + "\n")
+
+    target = lmms.Target(args.backend, args.model, args.base_url, args.model_args)
     rows, timings = [], []
     for i, bench in enumerate(benchmarks, 1):
         done = out / "done" / f"{bench.task}.json"

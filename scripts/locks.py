@@ -17,10 +17,10 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -100,7 +100,9 @@ def by_name(name: str) -> Environment:
     for env in ENVIRONMENTS:
         if env.name == name:
             return env
-    raise LockError(f"unknown environment '{name}': expected one of {', '.join(e.name for e in ENVIRONMENTS)}")
+    raise LockError(
+        f"unknown environment '{name}': expected one of {', '.join(e.name for e in ENVIRONMENTS)}"
+    )
 
 
 def read_pyproject(path: Path) -> dict:
@@ -224,7 +226,9 @@ def compile_command(env: Environment, inputs: Path, upgrade: list[str]) -> list[
         cmd += ["--excludes", str(inputs / f"{env.name}.excludes")]
     if env.same_as_main:
         main = read_lock(by_name(MAIN).lock)
-        (inputs / f"{env.name}.overrides").write_text("".join(f"{k}=={main[k][0]}\n" for k in env.same_as_main))
+        (inputs / f"{env.name}.overrides").write_text(
+            "".join(f"{k}=={main[k][0]}\n" for k in env.same_as_main)
+        )
         cmd += ["--overrides", str(inputs / f"{env.name}.overrides")]
     for item in upgrade:
         cmd += ["--upgrade"] if item == ":all:" else ["--upgrade-package", item]

@@ -126,7 +126,7 @@ def test_unknown_suite_and_task_are_refused_before_anything_runs(tiny_model_dir,
         str(tiny_model_dir), "--base-url", "http://127.0.0.1:9/v1", "--output", str(out),
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "unknown lmms-eval task(s): not_a_task" in proc.stderr
+    assert "lmms-eval cannot run these tasks:\n  not_a_task: lmms-eval knows no such task\n" in proc.stderr
     assert not (out / "lmms").exists()
 
 
@@ -199,3 +199,50 @@ def test_judge_settings_become_the_variables_lmms_eval_tasks_read(monkeypatch):
     assert env["OPENAI_API_URL"] == "http://judge:9000/v1/chat/completions"
     assert env["JUDGE_API_KEY"] == env["OPENAI_API_KEY"] == "k"
     assert env["USE_LLM_JUDGE"] == "True"
+
+
+def task_env(benchmarks):
+    """The environment eval/run.py gives lmms-eval for these benchmarks when no judge is named."""
+    import argparse
+
+    from eval import run
+
+    no_judge = run.judge_environment(
+        [b for b in benchmarks if b.judge != "required"], argparse.Namespace(judge_model=None)
+    )
+    return {**os.environ, **no_judge, "PYTHONPATH": str(REPO)}
+
+
+def test_every_task_of_every_suite_loads_in_lmms_evals_environment(tmp_path):
+    """Each task's YAML, functions and the modules its code imports (MathVista's scorer needs Levenshtein,
+    which lmms-eval does not install), as lmms-eval loads them before a run, stopping before the data."""
+    from eval import run, suites
+
+    benchmarks = [b for entries in suites.load_suites().values() for b in entries]
+    include = run.prepare_tasks(tmp_path, None, local=True)
+    problems = lmms.check_tasks(
+        lmms.lmms_python(), include, [b.task for b in benchmarks], task_env(benchmarks)
+    )
+    assert problems == {}
+
+
+def test_a_task_whose_code_needs_a_missing_module_is_named(tmp_path):
+    folder = tmp_path / "tasks" / "probe"
+    folder.mkdir(parents=True)
+    task = "dataset_path: json\ntask: {name}\noutput_type: generate_until\ndoc_to_text: !function {module}.doc_to_text\n"
+    (folder / "lazy.yaml").write_text(task.format(name="probe_lazy", module="lazy_utils"))
+    (folder / "lazy_utils.py").write_text(
+        "def doc_to_text(doc):\n    import not_installed_scorer\n    return doc['q']\n\n"
+        "def optional():\n    try:\n        import not_installed_extra\n    except ImportError:\n        pass\n"
+    )
+    (folder / "eager.yaml").write_text(task.format(name="probe_eager", module="eager_utils"))
+    (folder / "eager_utils.py").write_text(
+        "import not_installed_at_top\n\ndef doc_to_text(doc):\n    return ''\n"
+    )
+    names = ["probe_lazy", "probe_eager", "no_such_task_xyz"]
+    problems = lmms.check_tasks(
+        lmms.lmms_python(), tmp_path / "tasks", names, {**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert problems["probe_lazy"] == "its code imports modules that are not installed: not_installed_scorer"
+    assert "No module named 'not_installed_at_top'" in problems["probe_eager"]
+    assert problems["no_such_task_xyz"] == "lmms-eval knows no such task"
