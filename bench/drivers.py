@@ -39,7 +39,7 @@ def in_process(model_dir: Path, image, batches: tuple[int, ...], max_tokens: int
     import torch
 
     from observe_r1.modeling import load_model, load_processor
-    from serve.batch_inputs import PrefixCache
+    from observe_r1_serve.batch_inputs import PrefixCache
 
     model = load_model(model_dir)
     processor = load_processor(model_dir)

@@ -113,7 +113,7 @@ def trl_worker(args: argparse.Namespace) -> None:
     from observe_r1.data import Sample, load_samples
     from observe_r1.format import SYSTEM_PROMPT
     from observe_r1.modeling import load_model, load_processor
-    from train.rewards import accuracy_reward, format_reward
+    from observe_r1_train.rewards import accuracy_reward, format_reward
 
     model_dir, data = prepare(args)
     samples = load_samples(data)

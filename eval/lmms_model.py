@@ -27,7 +27,7 @@ SYSTEM_PROMPTS = ("observe-r1", "task")
 
 def manifest() -> ModelManifest:
     """The entry point lmms-eval reads to learn the model name and class."""
-    return ModelManifest(model_id="observe_r1", chat_class_path="eval.lmms_model.ObserveR1OpenAI")
+    return ModelManifest(model_id="observe_r1", chat_class_path="observe_r1_eval.lmms_model.ObserveR1OpenAI")
 
 
 class ObserveR1OpenAI(OpenAICompatible):

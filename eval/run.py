@@ -23,9 +23,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/run.py`: make the repository importable as a package root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval import lmms, report, suites  # noqa: E402
-from eval.lmms import EvalError  # noqa: E402
 from observe_r1.io import atomic_write_text  # noqa: E402
+from observe_r1_eval import lmms, report, suites  # noqa: E402
+from observe_r1_eval.lmms import EvalError  # noqa: E402
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 SYNTH_SIZE = 64

@@ -83,7 +83,7 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from serve.cli import run
+    from observe_r1_serve.cli import run
 
     code = run(args)
     if code:
@@ -91,13 +91,13 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _ask(args: argparse.Namespace) -> None:
-    from serve.client import run
+    from observe_r1_serve.client import run
 
     run(args)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from train.cli import run
+    from observe_r1_train.cli import run
 
     code = run(args, stage=args.stage)
     if code:
@@ -139,19 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_chat)
 
-    from serve.cli import add_server_arguments
+    from observe_r1_serve.cli import add_server_arguments
 
     p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server with parsed fields")
     add_server_arguments(p)
     p.set_defaults(func=_serve)
 
-    from serve.client import add_arguments as add_ask_arguments
+    from observe_r1_serve.client import add_arguments as add_ask_arguments
 
     p = sub.add_parser("ask", help="ask a running server one question with images (openai client)")
     add_ask_arguments(p)
     p.set_defaults(func=_ask)
 
-    from train.cli import add_arguments as add_train_arguments
+    from observe_r1_train.cli import add_arguments as add_train_arguments
 
     p = sub.add_parser("train", help="Observe-R1 GRPO on DeepSpeed from a YAML config (train/configs/)")
     add_train_arguments(p)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "eval":  # every argument, --help included, belongs to eval/run.py
-        from eval.run import main as eval_main
+        from observe_r1_eval.run import main as eval_main
 
         return eval_main(rest)
     if rest:

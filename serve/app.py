@@ -15,10 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.config import RequestError, ServerConfig
-from serve.engine import Engine
-from serve.metrics import Metrics
-from serve.protocol import (
+from observe_r1_serve.config import RequestError, ServerConfig
+from observe_r1_serve.engine import Engine
+from observe_r1_serve.metrics import Metrics
+from observe_r1_serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ErrorBody,
@@ -26,7 +26,7 @@ from serve.protocol import (
     ModelCard,
     ModelList,
 )
-from serve.serving import ChatService
+from observe_r1_serve.serving import ChatService
 
 log = logging.getLogger("observe_r1.serve")
 
@@ -239,11 +239,11 @@ def build_engine(config: ServerConfig) -> Engine:
     if name == "auto":
         name = "vllm" if _vllm_usable() else "transformers"
     if name == "vllm":
-        from serve.vllm_engine import VLLMEngine
+        from observe_r1_serve.vllm_engine import VLLMEngine
 
         return VLLMEngine(config)
     if name == "transformers":
-        from serve.transformers_engine import TransformersEngine
+        from observe_r1_serve.transformers_engine import TransformersEngine
 
         return TransformersEngine(config)
     raise ValueError(f"unknown engine '{config.engine}' (use auto, vllm or transformers)")

@@ -10,7 +10,7 @@ import sys
 import typing
 from pathlib import Path
 
-from serve.config import ServerConfig, read_api_key
+from observe_r1_serve.config import ServerConfig, read_api_key
 
 API_KEY_ENV = "OBSERVE_R1_API_KEY"
 _SECRET_FIELDS = {"api_key"}  # never on the command line, where `ps` shows it
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from observe_r1.modeling import ModelLoadError, check_model_folder
-    from serve.app import build_engine, create_app
+    from observe_r1_serve.app import build_engine, create_app
 
     config = config_from_args(args)
     try:

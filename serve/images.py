@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from serve.config import RequestError, ServerConfig
+from observe_r1_serve.config import RequestError, ServerConfig
 
 
 def _open(data: bytes, param: str, max_pixels: int) -> Image.Image:

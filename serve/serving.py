@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from observe_r1.format import SYSTEM_PROMPT, ParseResult, StreamParser, parse
-from serve.config import RequestError, ServerConfig
-from serve.engine import (
+from observe_r1_serve.config import RequestError, ServerConfig
+from observe_r1_serve.engine import (
     ChoiceDelta,
     Engine,
     EngineRequest,
@@ -22,9 +22,9 @@ from serve.engine import (
     QueueFullError,
     SamplingOptions,
 )
-from serve.images import load_image
-from serve.metrics import Metrics
-from serve.protocol import (
+from observe_r1_serve.images import load_image
+from observe_r1_serve.metrics import Metrics
+from observe_r1_serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,

@@ -7,9 +7,9 @@ its prompt processed in turn), so a batch starts only once no request has arrive
 `batch_wait_ms` and none is still being prepared, at most `max_batch_wait_ms` after its first
 request. A lone client (the previous batch had one row and nothing else is pending) never waits.
 With `prefix_cache` (the default), a batch starts from the cached keys and values of the system turn
-its rows share (`serve.batch_inputs.PrefixCache`), so only the rest of each prompt is prefilled.
+its rows share (`observe_r1_serve.batch_inputs.PrefixCache`), so only the rest of each prompt is prefilled.
 Two hooks make one shared call behave like separate requests:
-- `_RowSampler` (a logits processor) samples all rows in one vectorised pass (`serve.sampling`),
+- `_RowSampler` (a logits processor) samples all rows in one vectorised pass (`observe_r1_serve.sampling`),
   each with its own temperature, top-p and seeded random stream, so a request's output does not
   depend on its batch neighbours;
 - `_RowMonitor` (a stopping criterion) sees each new token, streams it to its request (a step's
@@ -38,9 +38,9 @@ from transformers import (
 )
 
 from observe_r1.modeling import load_model, load_processor
-from serve.batch_inputs import PrefixCache, collate
-from serve.config import ServerConfig
-from serve.engine import (
+from observe_r1_serve.batch_inputs import PrefixCache, collate
+from observe_r1_serve.config import ServerConfig
+from observe_r1_serve.engine import (
     ChoiceDelta,
     Engine,
     EngineRequest,
@@ -51,7 +51,7 @@ from serve.engine import (
     StopMatcher,
     coalesce,
 )
-from serve.sampling import sample_rows
+from observe_r1_serve.sampling import sample_rows
 
 log = logging.getLogger("observe_r1.serve")
 
@@ -105,7 +105,7 @@ class _Row:
 
 
 class _RowSampler(LogitsProcessor):
-    """Chooses every row's next token itself (`serve.sampling.sample_rows`, each row with its own
+    """Chooses every row's next token itself (`observe_r1_serve.sampling.sample_rows`, each row with its own
     settings and random stream) and returns logits that make greedy decoding pick it."""
 
     def __init__(self, rows: list[_Row], pad_id: int, device: torch.device):

@@ -11,8 +11,15 @@ import itertools
 import os
 from collections.abc import AsyncIterator
 
-from serve.config import ServerConfig
-from serve.engine import ChoiceDelta, Engine, EngineRequest, EngineStats, PromptTooLongError, QueueFullError
+from observe_r1_serve.config import ServerConfig
+from observe_r1_serve.engine import (
+    ChoiceDelta,
+    Engine,
+    EngineRequest,
+    EngineStats,
+    PromptTooLongError,
+    QueueFullError,
+)
 
 # Defaults for CPU builds of vLLM: a bounded KV cache (GiB) instead of a large share of RAM, no
 # OpenMP core pinning on shared machines, and the model worker inside the engine-core process

@@ -1,4 +1,4 @@
-"""train.algorithms: every function on hand-made tensors (arithmetic in the comments),
+"""observe_r1_train.algorithms: every function on hand-made tensors (arithmetic in the comments),
 properties with hypothesis, and the losses against TRL's own GRPO code where the settings agree."""
 
 import math
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train import algorithms as alg
+from observe_r1_train import algorithms as alg
 
 T = torch.tensor
 LN2 = math.log(2.0)

@@ -7,8 +7,8 @@ from typing import Literal
 import pytest
 
 from observe_r1.config import ConfigError, config_to_dict, load_config, save_config
-from train import algorithms, rewards
-from train.config import (
+from observe_r1_train import algorithms, rewards
+from observe_r1_train.config import (
     KL_DEFAULTS,
     DataConfig,
     HintsConfig,
@@ -18,7 +18,7 @@ from train.config import (
     load_training_config,
     validate_paths,
 )
-from train.sft import load_sft_config
+from observe_r1_train.sft import load_sft_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from eval import lmms, report
+from observe_r1_eval import lmms, report
 
 FIXED = __import__("pathlib").Path(__file__).with_name("eval_data") / "samples_fixed.jsonl"
 

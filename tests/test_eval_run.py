@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, run_cli
 
-from eval import lmms
+from observe_r1_eval import lmms
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(REPO / "eval" / "run.py")]
@@ -160,7 +160,7 @@ def test_lmms_eval_scores_the_answer_and_sees_the_raw_text(server, synth_dir):
     server's raw text, asked with the Observe-R1 system prompt instead of the task's."""
     import httpx
 
-    from eval import suites
+    from observe_r1_eval import suites
 
     doc = {"id": "x", "images": [], "question": "How many cyan shapes?", "answer": "2", "choices": []}
     proc = subprocess.run(
@@ -183,7 +183,7 @@ def test_lmms_eval_scores_the_answer_and_sees_the_raw_text(server, synth_dir):
 def test_judge_settings_become_the_variables_lmms_eval_tasks_read(monkeypatch):
     import argparse
 
-    from eval import run, suites
+    from observe_r1_eval import run, suites
 
     general = suites.select("general", None)
     args = argparse.Namespace(
@@ -205,7 +205,7 @@ def task_env(benchmarks):
     """The environment eval/run.py gives lmms-eval for these benchmarks when no judge is named."""
     import argparse
 
-    from eval import run
+    from observe_r1_eval import run
 
     no_judge = run.judge_environment(
         [b for b in benchmarks if b.judge != "required"], argparse.Namespace(judge_model=None)
@@ -216,7 +216,7 @@ def task_env(benchmarks):
 def test_every_task_of_every_suite_loads_in_lmms_evals_environment(tmp_path):
     """Each task's YAML, functions and the modules its code imports (MathVista's scorer needs Levenshtein,
     which lmms-eval does not install), as lmms-eval loads them before a run, stopping before the data."""
-    from eval import run, suites
+    from observe_r1_eval import run, suites
 
     benchmarks = [b for entries in suites.load_suites().values() for b in entries]
     include = run.prepare_tasks(tmp_path, None, local=True)

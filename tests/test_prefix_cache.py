@@ -9,9 +9,9 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from observe_r1.format import SYSTEM_PROMPT
-from serve.config import ServerConfig
-from serve.engine import EngineRequest, SamplingOptions
-from serve.transformers_engine import TransformersEngine
+from observe_r1_serve.config import ServerConfig
+from observe_r1_serve.engine import EngineRequest, SamplingOptions
+from observe_r1_serve.transformers_engine import TransformersEngine
 
 
 def conversation(text: str, images: list[tuple[int, int]], system: str | None = SYSTEM_PROMPT) -> tuple:

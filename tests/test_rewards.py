@@ -7,7 +7,7 @@ import pytest
 
 from observe_r1.data import Sample
 from observe_r1.format import format_response
-from train.rewards import (
+from observe_r1_train.rewards import (
     BONUS_COEF,
     BONUS_MIN_LEN,
     FORMAT_REWARD,
@@ -217,7 +217,7 @@ def test_weights_and_clamp():
 
 
 CUSTOM = """
-from train.rewards import group_reward
+from observe_r1_train.rewards import group_reward
 
 def length_penalty(completions, samples):
     return [-len(c) / 100 for c in completions]
@@ -271,7 +271,7 @@ def test_reward_returning_the_wrong_count_is_reported(custom_module):
 
 
 def test_the_authors_bonus_rule_pays_a_malformed_correct_response_when_asked():
-    from train.rewards import bonus_reward
+    from observe_r1_train.rewards import bonus_reward
 
     sample = Sample(id="s", images=[], question="q", answer="3")
     malformed = "3"

@@ -11,7 +11,7 @@ from observe_r1.chat import build_messages, generate, open_images
 from observe_r1.data import Sample
 from observe_r1.format import SYSTEM_PROMPT
 from observe_r1.modeling import load_model, load_processor
-from train.rollout import RolloutEngine, SamplingSettings, TransformersRollout
+from observe_r1_train.rollout import RolloutEngine, SamplingSettings, TransformersRollout
 
 G = 4
 PROMPTS = [

@@ -1,13 +1,13 @@
-"""The batched sampler of the transformers engine (`serve.sampling`) and the delta merging of
-`serve.engine.coalesce`."""
+"""The batched sampler of the transformers engine (`observe_r1_serve.sampling`) and the delta merging of
+`observe_r1_serve.engine.coalesce`."""
 
 import math
 
 import pytest
 import torch
 
-from serve.engine import ChoiceDelta, coalesce
-from serve.sampling import sample_rows
+from observe_r1_serve.engine import ChoiceDelta, coalesce
+from observe_r1_serve.sampling import sample_rows
 
 
 def quantile_draws(logits: list[float], temperature: float, top_p: float, n: int = 4000) -> torch.Tensor:

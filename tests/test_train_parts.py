@@ -8,11 +8,11 @@ import pytest
 
 from observe_r1.data import Sample
 from observe_r1.format import parse
-from train import checkpoint
-from train.engine import cosine_lr_factor, deepspeed_config, warmup_steps
-from train.prompts import PromptStream, hint_for, prompt_text
-from train.sft import TargetConfig, sft_target
-from train.tracking import plot_curves, read_jsonl, truncate_after
+from observe_r1_train import checkpoint
+from observe_r1_train.engine import cosine_lr_factor, deepspeed_config, warmup_steps
+from observe_r1_train.prompts import PromptStream, hint_for, prompt_text
+from observe_r1_train.sft import TargetConfig, sft_target
+from observe_r1_train.tracking import plot_curves, read_jsonl, truncate_after
 
 
 def samples(n: int) -> list[Sample]:

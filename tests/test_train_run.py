@@ -16,8 +16,8 @@ from conftest import CLI
 from openai import OpenAI
 
 from observe_r1.modeling import load_model, load_processor
-from train.checkpoint import TRAINER_STATE, list_checkpoints
-from train.tracking import read_jsonl
+from observe_r1_train.checkpoint import TRAINER_STATE, list_checkpoints
+from observe_r1_train.tracking import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "train" / "configs" / "tiny_cpu.yaml"

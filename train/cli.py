@@ -78,8 +78,8 @@ def _load(args: argparse.Namespace, loader):
 
 def run(args: argparse.Namespace, stage: str = "grpo") -> int:
     """Run GRPO (`stage="grpo"`) or the SFT warm start (`"sft"`); returns the exit status."""
-    from train.config import load_training_config, validate_paths
-    from train.sft import load_sft_config
+    from observe_r1_train.config import load_training_config, validate_paths
+    from observe_r1_train.sft import load_sft_config
 
     cfg = _load(args, load_training_config if stage == "grpo" else load_sft_config)
     validate_paths(cfg)
@@ -87,11 +87,11 @@ def run(args: argparse.Namespace, stage: str = "grpo") -> int:
         return _relaunch(args)
     _setup_logging(args.log_level)
     if stage == "grpo":
-        from train.trainer import GRPOTrainer
+        from observe_r1_train.trainer import GRPOTrainer
 
         summary = GRPOTrainer(cfg, progress=not args.no_progress).train()
     else:
-        from train.sft import SFTTrainer
+        from observe_r1_train.sft import SFTTrainer
 
         summary = SFTTrainer(cfg, progress=not args.no_progress).train()
     if os.environ.get("RANK", "0") == "0":

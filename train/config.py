@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from observe_r1.config import ConfigError, load_config
-from train import algorithms
-from train.rewards import BONUS_COEF, BONUS_MIN_LEN, BUILTINS, DEFAULT_COMPONENTS, REWARD_CLAMP
+from observe_r1_train import algorithms
+from observe_r1_train.rewards import BONUS_COEF, BONUS_MIN_LEN, BUILTINS, DEFAULT_COMPONENTS, REWARD_CLAMP
 
 # ours: REFERENCE.md only says the hint tells the model the problem is hard and to verify its steps.
 DIFFICULTY_HINT = (

@@ -23,9 +23,9 @@ from observe_r1.config import ConfigError, save_config
 from observe_r1.data import Sample, load_samples
 from observe_r1.format import SYSTEM_PROMPT
 from observe_r1.modeling import load_model, load_processor
-from train import checkpoint
-from train.config import grad_accumulation
-from train.engine import (
+from observe_r1_train import checkpoint
+from observe_r1_train.config import grad_accumulation
+from observe_r1_train.engine import (
     deepspeed_config,
     device_for_rank,
     init_distributed,
@@ -33,8 +33,8 @@ from train.engine import (
     make_optimizer,
     make_scheduler,
 )
-from train.prompts import PromptStream
-from train.tracking import CURVES_FILE, METRICS_FILE, Tracker, plot_curves
+from observe_r1_train.prompts import PromptStream
+from observe_r1_train.tracking import CURVES_FILE, METRICS_FILE, Tracker, plot_curves
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import torch
 from observe_r1.config import ConfigError, load_config
 from observe_r1.data import Sample
 from observe_r1.format import format_response
-from train import algorithms
-from train.config import (
+from observe_r1_train import algorithms
+from observe_r1_train.config import (
     CheckpointConfig,
     DataConfig,
     DeepSpeedConfig,
@@ -29,8 +29,8 @@ from train.config import (
     ModelConfig,
     OptimConfig,
 )
-from train.rollout import END_OF_TURN, RolloutBatch, process_prompt
-from train.runner import Runner, StepResult
+from observe_r1_train.rollout import END_OF_TURN, RolloutBatch, process_prompt
+from observe_r1_train.runner import Runner, StepResult
 
 DEFAULT_OBSERVATION = "I look at the image for what the question asks about."  # ours
 DEFAULT_REASONING = "I check what I see against the question and give the answer."  # ours

@@ -20,12 +20,12 @@ import torch
 
 from observe_r1.config import ConfigError
 from observe_r1.data import Sample
-from train import algorithms
-from train.config import TrainConfig, validate_paths
-from train.prompts import hint_for, prompt_text
-from train.rewards import compute_rewards
-from train.rollout import RolloutBatch, SamplingSettings, TransformersRollout
-from train.runner import Runner, StepResult, reference_model
+from observe_r1_train import algorithms
+from observe_r1_train.config import TrainConfig, validate_paths
+from observe_r1_train.prompts import hint_for, prompt_text
+from observe_r1_train.rewards import compute_rewards
+from observe_r1_train.rollout import RolloutBatch, SamplingSettings, TransformersRollout
+from observe_r1_train.runner import Runner, StepResult, reference_model
 
 
 class GRPOTrainer(Runner):

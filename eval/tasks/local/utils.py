@@ -9,7 +9,7 @@ already cut the `<observe>` and `<think>` blocks out of the response (`--reasoni
 from PIL import Image
 
 from observe_r1.data import Sample
-from train.rewards import accuracy_reward
+from observe_r1_train.rewards import accuracy_reward
 
 
 def _sample(doc: dict) -> Sample:
