@@ -15,13 +15,15 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from observe_r1.errors import UserError
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON_ENV = "OBSERVE_R1_LMMS_PYTHON"
 FAILURE_MARKERS = ("[LMMS_EVAL_REQUEST_FAILED", "[LMMS_EVAL_BUDGET_EXCEEDED]")
 BACKENDS = ("openai", "vllm")
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """A run that must stop with a message and a non-zero exit, never with a partial report."""
 
 

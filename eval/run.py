@@ -23,6 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/run.py`: make the repository importable as a package root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from observe_r1.command import Command  # noqa: E402
+from observe_r1.errors import UserError  # noqa: E402
 from observe_r1.io import atomic_write_text  # noqa: E402
 from observe_r1_eval import lmms, report, suites  # noqa: E402
 from observe_r1_eval.lmms import EvalError  # noqa: E402
@@ -303,13 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         args, action = run_parser().parse_args(argv), run
     try:
         return action(args)
-    except (EvalError, ValueError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("eval: interrupted; finished tasks are kept and skipped on the next run", file=sys.stderr)
         return 130
 
+
+EVAL = Command(help="lmms-eval suites and the chain-length report (eval/run.py)", run=main, passthrough=True)
 
 if __name__ == "__main__":
     sys.exit(main())

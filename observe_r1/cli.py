@@ -1,4 +1,10 @@
-"""The `observe-r1` command: one subcommand per stage, each a thin shell over a library function."""
+"""The `observe-r1` command: one subcommand per job, each a thin shell over a library function.
+
+The core's own subcommands (tiny-model, synth-data, chat) are defined here; the stages add theirs
+(serve, ask, train, sft, eval, ...) through the `observe_r1.commands` entry-point group
+(`observe_r1.command`), so the core imports no stage. A `UserError` prints its message and exits 2;
+any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,11 @@ import argparse
 import json
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
+
+from observe_r1.command import ENTRY_POINT_GROUP, Command
+from observe_r1.errors import UserError
 
 
 def _tiny_model(args: argparse.Namespace) -> None:
@@ -43,7 +53,7 @@ def _chat(args: argparse.Namespace) -> None:
     if args.sample:
         samples = load_samples(args.sample)
         if not 0 <= args.row < len(samples):
-            raise ValueError(f"--row {args.row} is out of range: {args.sample} has {len(samples)} rows")
+            raise UserError(f"--row {args.row} is out of range: {args.sample} has {len(samples)} rows")
         sample = samples[args.row]
         question, image_paths, gold = sample.question, sample.images, sample.answer
     else:
@@ -82,30 +92,11 @@ def _chat(args: argparse.Namespace) -> None:
         print(f"{key:>18}: {value!r}")
 
 
-def _serve(args: argparse.Namespace) -> None:
-    from observe_r1_serve.cli import run
-
-    code = run(args)
-    if code:
-        sys.exit(code)
-
-
-def _ask(args: argparse.Namespace) -> None:
-    from observe_r1_serve.client import run
-
-    run(args)
-
-
-def _train(args: argparse.Namespace) -> None:
-    from observe_r1_train.cli import run
-
-    code = run(args, stage=args.stage)
-    if code:
-        sys.exit(code)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="observe-r1", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="observe-r1",
+        description="Train, serve and evaluate multimodal reasoning models in the Observe-R1 style.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-model", help="build a small Qwen2.5-VL-architecture model offline")
@@ -139,48 +130,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_chat)
 
-    from observe_r1_serve.cli import add_server_arguments
-
-    p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server with parsed fields")
-    add_server_arguments(p)
-    p.set_defaults(func=_serve)
-
-    from observe_r1_serve.client import add_arguments as add_ask_arguments
-
-    p = sub.add_parser("ask", help="ask a running server one question with images (openai client)")
-    add_ask_arguments(p)
-    p.set_defaults(func=_ask)
-
-    from observe_r1_train.cli import add_arguments as add_train_arguments
-
-    p = sub.add_parser("train", help="Observe-R1 GRPO on DeepSpeed from a YAML config (train/configs/)")
-    add_train_arguments(p)
-    p.set_defaults(func=_train, stage="grpo")
-    p = sub.add_parser("sft", help="supervised warm start on formatted answers (same engine as train)")
-    add_train_arguments(p)
-    p.set_defaults(func=_train, stage="sft")
-    sub.add_parser("eval", add_help=False, help="lmms-eval suites and the chain-length report (eval/run.py)")
+    for name, command in stage_commands().items():
+        p = sub.add_parser(name, help=command.help, add_help=not command.passthrough)
+        if command.add_arguments is not None:
+            command.add_arguments(p)
+        p.set_defaults(func=command.run, passthrough=command.passthrough)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from observe_r1.data import DataError
-    from observe_r1.modeling import ModelLoadError
+def stage_commands() -> dict[str, Command]:
+    """The subcommands the installed stages declare, by name, in their declared order."""
+    commands = {}
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        command = entry.load()
+        if not isinstance(command, Command):
+            raise TypeError(
+                f"entry point {entry.name} = {entry.value} is a {type(command).__name__}, not a Command"
+            )
+        commands.setdefault(entry.name, command)
+    return commands
 
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "eval":  # every argument, --help included, belongs to eval/run.py
-        from observe_r1_eval.run import main as eval_main
-
-        return eval_main(rest)
+    if getattr(args, "passthrough", False):  # every argument, --help included, belongs to the command
+        return args.func(rest) or 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        args.func(args)
-    except (DataError, ModelLoadError, FileExistsError, FileNotFoundError, ValueError, TimeoutError) as e:
+        return args.func(args) or 0
+    except UserError as e:
         print(f"observe-r1 {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

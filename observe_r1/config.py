@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from observe_r1.errors import UserError
 from observe_r1.io import atomic_write_text
 
 T = TypeVar("T")
@@ -36,7 +37,7 @@ Layer = tuple[str, Mapping[str, Any]]  # (where it came from, raw mapping)
 BASE_KEY = "base"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Any problem with a config: the message says which file or override, and which key."""
 
 

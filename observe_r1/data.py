@@ -17,11 +17,13 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from observe_r1.errors import UserError
+
 REQUIRED_FIELDS = ("id", "images", "question", "answer")
 OPTIONAL_FIELDS = ("choices", "difficulty", "complexity", "level", "hint", "source")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad row: `location` is `file:line` (JSONL) or `file:row N` (Parquet), `field` the culprit."""
 
     def __init__(self, location: str, field_name: str | None, message: str):

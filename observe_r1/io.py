@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from observe_r1.errors import UserError
+
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
@@ -27,6 +29,10 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
         raise
 
 
+class OutputExistsError(UserError, FileExistsError):
+    """The output folder exists and replacing it was not asked for."""
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh staging folder that replaces `target` only if the block finishes without error.
@@ -37,7 +43,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     """
     target = Path(target)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists (pass --force to replace it)")
+        raise OutputExistsError(f"{target} already exists (pass --force to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from observe_r1.errors import UserError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(UserError, RuntimeError):
     """The model folder is missing, incomplete or not a supported architecture."""
 
 
@@ -50,7 +52,7 @@ def _image_only_class(processor_cls: type) -> type:
 
     def __call__(self, *args, videos=None, **kwargs):
         if videos is not None:
-            raise ValueError("video input needs torchvision, which is not installed; send images instead")
+            raise UserError("video input needs torchvision, which is not installed; send images instead")
         return processor_cls.__call__(self, *args, **kwargs)
 
     namespace = {"__init__": __init__, "__call__": __call__}
@@ -97,7 +99,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     value = names.get(dtype) or getattr(torch, dtype, None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype '{dtype}' (use bf16, fp16 or fp32)")
+        raise UserError(f"unknown dtype '{dtype}' (use bf16, fp16 or fp32)")
     return value
 
 

@@ -6,10 +6,10 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 import typing
 from pathlib import Path
 
+from observe_r1.command import Command
 from observe_r1_serve.config import ServerConfig, read_api_key
 
 API_KEY_ENV = "OBSERVE_R1_API_KEY"
@@ -49,15 +49,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from observe_r1.modeling import ModelLoadError, check_model_folder
+    from observe_r1.modeling import check_model_folder
     from observe_r1_serve.app import build_engine, create_app
 
     config = config_from_args(args)
-    try:
-        check_model_folder(config.model)
-    except ModelLoadError as e:
-        print(f"observe-r1 serve: error: {e}", file=sys.stderr)
-        return 2
+    check_model_folder(config.model)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -76,3 +72,10 @@ def run(args: argparse.Namespace) -> int:
     servers.append(server)
     server.run()
     return 1 if app.state.server["load_error"] else 0
+
+
+SERVE = Command(
+    help="OpenAI-compatible chat-completions server with parsed fields",
+    add_arguments=add_server_arguments,
+    run=run,
+)

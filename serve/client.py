@@ -9,6 +9,9 @@ import mimetypes
 import time
 from pathlib import Path
 
+from observe_r1.command import Command
+from observe_r1.errors import UserError
+
 
 def image_data_url(path: Path) -> str:
     mime = mimetypes.guess_type(path.name)[0] or "image/png"
@@ -28,7 +31,7 @@ def wait_ready(base_url: str, timeout: float) -> None:
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the server at {root} was not ready within {timeout:.0f}s")
+            raise UserError(f"the server at {root} was not ready within {timeout:.0f}s")
         time.sleep(0.25)
 
 
@@ -65,3 +68,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"{'format_ok':>14}: {extra.get('format_ok')} {extra.get('format_errors') or ''}")
     print(f"{'finish_reason':>14}: {choice.finish_reason}")
     print(f"{'usage':>14}: {response.usage.model_dump(exclude_none=True)}")
+
+
+ASK = Command(
+    help="ask a running server one question with images (openai client)", add_arguments=add_arguments, run=run
+)

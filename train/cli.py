@@ -8,12 +8,15 @@ this machine; under torchrun or the deepspeed launcher (RANK set) it runs as the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from observe_r1.command import Command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,3 +100,15 @@ def run(args: argparse.Namespace, stage: str = "grpo") -> int:
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))
     return 0
+
+
+TRAIN = Command(
+    help="Observe-R1 GRPO on DeepSpeed from a YAML config (train/configs/)",
+    add_arguments=add_arguments,
+    run=functools.partial(run, stage="grpo"),
+)
+SFT = Command(
+    help="supervised warm start on formatted answers (same engine as train)",
+    add_arguments=add_arguments,
+    run=functools.partial(run, stage="sft"),
+)

@@ -33,6 +33,7 @@ from math_verify import parse as math_parse
 from math_verify.errors import TimeoutException
 
 from observe_r1.data import Sample
+from observe_r1.errors import UserError
 from observe_r1.format import parse
 
 FORMAT_REWARD = 0.5
@@ -225,16 +226,16 @@ def load_reward(spec: str) -> RewardFn:
         return BUILTINS[spec]
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"reward '{spec}': expected one of {sorted(BUILTINS)} or 'module:function'")
+        raise UserError(f"reward '{spec}': expected one of {sorted(BUILTINS)} or 'module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"reward '{spec}': cannot import module '{module_name}': {e}") from e
+        raise UserError(f"reward '{spec}': cannot import module '{module_name}': {e}") from e
     fn = getattr(module, attr, None)
     if fn is None:
-        raise ValueError(f"reward '{spec}': module '{module_name}' has no attribute '{attr}'")
+        raise UserError(f"reward '{spec}': module '{module_name}' has no attribute '{attr}'")
     if not callable(fn):
-        raise ValueError(f"reward '{spec}': '{attr}' is a {type(fn).__name__}, not a function")
+        raise UserError(f"reward '{spec}': '{attr}' is a {type(fn).__name__}, not a function")
     return fn
 
 
@@ -245,7 +246,7 @@ def _call(spec: str, fn: Callable, completions: list[str], samples: list[Sample]
         ctx = {k: v for k, v in ctx.items() if k in {p.name for p in params}}
     values = [float(v) for v in fn(completions, samples, **ctx)]
     if len(values) != len(completions):
-        raise ValueError(f"reward '{spec}' returned {len(values)} values for {len(completions)} completions")
+        raise UserError(f"reward '{spec}' returned {len(values)} values for {len(completions)} completions")
     return values
 
 
