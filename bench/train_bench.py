@@ -110,10 +110,11 @@ def trl_worker(args: argparse.Namespace) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from observe_r1.answer import accuracy as answer_accuracy
     from observe_r1.data import Sample, load_samples
     from observe_r1.format import SYSTEM_PROMPT
     from observe_r1.modeling import load_model, load_processor
-    from observe_r1_train.rewards import accuracy_reward, format_reward
+    from observe_r1_train.rewards import format_reward
 
     model_dir, data = prepare(args)
     samples = load_samples(data)
@@ -138,7 +139,7 @@ def trl_worker(args: argparse.Namespace) -> None:
 
     def accuracy(completions, answer, choices, **_):
         return [
-            accuracy_reward(c[0]["content"], s)
+            answer_accuracy(c[0]["content"], s)
             for c, s in zip(completions, _samples(answer, choices), strict=True)
         ]
 

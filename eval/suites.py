@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from observe_r1.errors import UserError
+from observe_r1.errors import InvalidValue
 
 SUITES_FILE = Path(__file__).with_name("suites.yaml")
 TASKS_DIR = Path(__file__).with_name("tasks")
@@ -60,5 +60,5 @@ def select(suite: str | None, tasks: list[str] | None) -> list[Benchmark]:
     if suite == "all":
         return [b for entries in suites.values() for b in entries]
     if suite not in suites:
-        raise UserError(f"unknown suite '{suite}': expected one of {', '.join([*suites, 'all'])}")
+        raise InvalidValue(f"unknown suite '{suite}': expected one of {', '.join([*suites, 'all'])}")
     return suites[suite]

@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from observe_r1.command import ENTRY_POINT_GROUP, Command
-from observe_r1.errors import UserError
+from observe_r1.errors import InvalidValue, UserError
 
 
 def _tiny_model(args: argparse.Namespace) -> None:
@@ -53,7 +53,7 @@ def _chat(args: argparse.Namespace) -> None:
     if args.sample:
         samples = load_samples(args.sample)
         if not 0 <= args.row < len(samples):
-            raise UserError(f"--row {args.row} is out of range: {args.sample} has {len(samples)} rows")
+            raise InvalidValue(f"--row {args.row} is out of range: {args.sample} has {len(samples)} rows")
         sample = samples[args.row]
         question, image_paths, gold = sample.question, sample.images, sample.answer
     else:

@@ -8,3 +8,11 @@ and surfaces as one, traceback and all.
 
 class UserError(Exception):
     """Something the user gave is wrong; the message says what and where."""
+
+
+class InvalidValue(UserError, ValueError):
+    """A value the user gave is out of its range or of the wrong kind."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file the user pointed at is not there, or is incomplete."""

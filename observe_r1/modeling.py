@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from observe_r1.errors import UserError
+from observe_r1.errors import InvalidValue, UserError
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -52,7 +52,7 @@ def _image_only_class(processor_cls: type) -> type:
 
     def __call__(self, *args, videos=None, **kwargs):
         if videos is not None:
-            raise UserError("video input needs torchvision, which is not installed; send images instead")
+            raise InvalidValue("video input needs torchvision, which is not installed; send images instead")
         return processor_cls.__call__(self, *args, **kwargs)
 
     namespace = {"__init__": __init__, "__call__": __call__}
@@ -99,7 +99,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     value = names.get(dtype) or getattr(torch, dtype, None)
     if not isinstance(value, torch.dtype):
-        raise UserError(f"unknown dtype '{dtype}' (use bf16, fp16 or fp32)")
+        raise InvalidValue(f"unknown dtype '{dtype}' (use bf16, fp16 or fp32)")
     return value
 
 

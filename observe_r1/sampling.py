@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from observe_r1.errors import UserError
+from observe_r1.errors import InvalidValue, UserError
 
 # The settings a checkpoint's generation config may supply, with the values that apply when nobody
 # sets them: plain sampling from the model's distribution (OpenAI's and vLLM's defaults).
@@ -34,7 +34,7 @@ DefaultsSource = Literal["auto", "none"]
 END_OF_TURN = "<|im_end|>"
 
 
-class SamplingError(UserError, ValueError):
+class SamplingError(InvalidValue):
     """A sampling setting out of its range; the message names the setting."""
 
 

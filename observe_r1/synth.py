@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from observe_r1.data import Sample
-from observe_r1.errors import UserError
+from observe_r1.errors import InvalidValue
 from observe_r1.io import atomic_dir
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 64, 1024
@@ -283,9 +283,9 @@ def generate(
 ) -> Path:
     """Write n problems to out_dir/data.jsonl with PNGs under out_dir/images/; returns the data.jsonl path."""
     if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise UserError(f"image_size must lie in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {image_size}")
+        raise InvalidValue(f"image_size must lie in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {image_size}")
     if n < 1:
-        raise UserError(f"n must be at least 1, got {n}")
+        raise InvalidValue(f"n must be at least 1, got {n}")
     families: Counter[str] = Counter()
     levels: Counter[int] = Counter()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from observe_r1.errors import UserError
+from observe_r1.errors import InvalidValue
 from observe_r1.format import SYSTEM_PROMPT, format_response
 from observe_r1.io import atomic_dir
 
@@ -182,7 +182,7 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0, overwrite: boo
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if size not in SIZES:
-        raise UserError(f"unknown size '{size}' (choose from {', '.join(SIZES)})")
+        raise InvalidValue(f"unknown size '{size}' (choose from {', '.join(SIZES)})")
     spec = SIZES[size]
     tokenizer = build_tokenizer(spec.vocab_size)
     config = build_config(spec, tokenizer)

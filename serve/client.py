@@ -18,6 +18,10 @@ def image_data_url(path: Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
+class ServerNotReady(UserError, TimeoutError):
+    """The server did not turn ready in time."""
+
+
 def wait_ready(base_url: str, timeout: float) -> None:
     """Poll the server's `/ready` (next to `/v1`) until the model is loaded."""
     import httpx
@@ -31,7 +35,7 @@ def wait_ready(base_url: str, timeout: float) -> None:
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise UserError(f"the server at {root} was not ready within {timeout:.0f}s")
+            raise ServerNotReady(f"the server at {root} was not ready within {timeout:.0f}s")
         time.sleep(0.25)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from observe_r1.errors import UserError
+from observe_r1.errors import InvalidValue
 
 
 @dataclass
@@ -71,6 +71,6 @@ def read_api_key(env_value: str | None, key_file: Path | None) -> str | None:
     if key_file is not None:
         key = key_file.read_text().strip()
         if not key:
-            raise UserError(f"API key file {key_file} is empty")
+            raise InvalidValue(f"API key file {key_file} is empty")
         return key
     return env_value or None

@@ -5,13 +5,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from observe_r1.answer import accuracy
 from observe_r1.data import Sample
 from observe_r1.format import format_response
 from observe_r1_train.rewards import (
     BONUS_COEF,
     BONUS_MIN_LEN,
     FORMAT_REWARD,
-    accuracy_reward,
     bonus_reward,
     compute_rewards,
     format_reward,
@@ -54,7 +54,7 @@ def wrap(answer: str) -> str:
     ],
 )
 def test_equivalent_answers_score_one(pred, gold):
-    assert accuracy_reward(wrap(pred), sample(gold)) == 1.0
+    assert accuracy(wrap(pred), sample(gold)) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_equivalent_answers_score_one(pred, gold):
     ],
 )
 def test_different_answers_score_zero(pred, gold):
-    assert accuracy_reward(wrap(pred), sample(gold)) == 0.0
+    assert accuracy(wrap(pred), sample(gold)) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_different_answers_score_zero(pred, gold):
     ],
 )
 def test_multiple_choice_accepted_forms(pred):
-    assert accuracy_reward(wrap(pred), sample("B", CHOICES)) == 1.0
+    assert accuracy(wrap(pred), sample("B", CHOICES)) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -114,42 +114,42 @@ def test_multiple_choice_accepted_forms(pred):
     ],
 )
 def test_multiple_choice_traps_score_zero(pred, gold):
-    assert accuracy_reward(wrap(pred), sample(gold, CHOICES)) == 0.0
+    assert accuracy(wrap(pred), sample(gold, CHOICES)) == 0.0
 
 
 def test_multiple_choice_corner_cases():
-    assert accuracy_reward(wrap("(C)"), sample("C", CHOICES)) == 1.0
-    assert accuracy_reward(wrap("Answer: c"), sample("C", CHOICES)) == 1.0
-    assert accuracy_reward(wrap("E"), sample("E", CHOICES)) == 1.0
+    assert accuracy(wrap("(C)"), sample("C", CHOICES)) == 1.0
+    assert accuracy(wrap("Answer: c"), sample("C", CHOICES)) == 1.0
+    assert accuracy(wrap("E"), sample("E", CHOICES)) == 1.0
     # a letter gold without a choices list is still checked strictly
-    assert accuracy_reward(wrap("b"), sample("B")) == 1.0
-    assert accuracy_reward(wrap("the"), sample("E")) == 0.0
+    assert accuracy(wrap("b"), sample("B")) == 1.0
+    assert accuracy(wrap("the"), sample("E")) == 0.0
     # choices carrying their own labels, and numeric option text
-    assert accuracy_reward(wrap("green"), sample("C", ["A. red", "B. blue", "C. green"])) == 1.0
-    assert accuracy_reward(wrap("3.5"), sample("A", ["3.5", "35"])) == 1.0
-    assert accuracy_reward(wrap("3.5"), sample("B", ["3.5", "35"])) == 0.0
+    assert accuracy(wrap("green"), sample("C", ["A. red", "B. blue", "C. green"])) == 1.0
+    assert accuracy(wrap("3.5"), sample("A", ["3.5", "35"])) == 1.0
+    assert accuracy(wrap("3.5"), sample("B", ["3.5", "35"])) == 0.0
 
 
 def test_empty_answer_block_scores_zero():
     empty = "<observe>x</observe><think>y</think><answer></answer>"
-    assert accuracy_reward(empty, sample("B", CHOICES)) == 0.0
-    assert accuracy_reward(empty, sample("0")) == 0.0
+    assert accuracy(empty, sample("B", CHOICES)) == 0.0
+    assert accuracy(empty, sample("0")) == 0.0
 
 
 def test_answers_without_an_answer_block():
     # math: math-verify extracts the final expression from free text
-    assert accuracy_reward("3 apples and 2 more, so 5 in total.", sample("5")) == 1.0
-    assert accuracy_reward("<think>3 + 2</think> So it is 5", sample("5")) == 1.0
+    assert accuracy("3 apples and 2 more, so 5 in total.", sample("5")) == 1.0
+    assert accuracy("<think>3 + 2</think> So it is 5", sample("5")) == 1.0
     # unclosed answer block: the text after <answer> is the answer
-    assert accuracy_reward("<think>3 + 2</think><answer>5", sample("5")) == 1.0
+    assert accuracy("<think>3 + 2</think><answer>5", sample("5")) == 1.0
     # multiple choice: no letter is fished out of prose, a bare letter still counts
-    assert accuracy_reward("<think>so</think> I pick B because it is blue", sample("B", CHOICES)) == 0.0
-    assert accuracy_reward("B", sample("B", CHOICES)) == 1.0
+    assert accuracy("<think>so</think> I pick B because it is blue", sample("B", CHOICES)) == 0.0
+    assert accuracy("B", sample("B", CHOICES)) == 1.0
 
 
 def test_math_verify_works_in_worker_threads():
     with ThreadPoolExecutor(2) as pool:
-        got = list(pool.map(lambda p: accuracy_reward(wrap(p), sample("0.5")), ["1/2", "\\frac{2}{4}", "3"]))
+        got = list(pool.map(lambda p: accuracy(wrap(p), sample("0.5")), ["1/2", "\\frac{2}{4}", "3"]))
     assert got == [1.0, 1.0, 0.0]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from observe_r1.errors import UserError
+from observe_r1.errors import MissingFile
 from observe_r1.io import atomic_dir, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
@@ -115,15 +115,15 @@ def load(engine, path: Path) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG from `path`; returns the trainer state."""
     path = Path(path)
     if not (path / TRAINER_STATE).is_file():
-        raise UserError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+        raise MissingFile(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
     loaded, _ = engine.load_checkpoint(
         str(path), tag=STATE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if loaded is None:
-        raise UserError(f"DeepSpeed found no state in {path / STATE_TAG}")
+        raise MissingFile(f"DeepSpeed found no state in {path / STATE_TAG}")
     rng_file = path / f"rng-rank{_rank()}.pt"
     if not rng_file.is_file():
-        raise UserError(f"{rng_file} is missing: was the checkpoint written with another world size?")
+        raise MissingFile(f"{rng_file} is missing: was the checkpoint written with another world size?")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / TRAINER_STATE).read_text())
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from observe_r1.data import Sample
-from observe_r1.errors import UserError
+from observe_r1.errors import InvalidValue
 
 
 @dataclass
@@ -32,7 +32,7 @@ class PromptStream:
         self, samples: list[Sample], batch_size: int, epochs: int = 1, shuffle: bool = False, seed: int = 0
     ):
         if len(samples) < batch_size:
-            raise UserError(
+            raise InvalidValue(
                 f"the data has {len(samples)} samples, fewer than one step's {batch_size} prompts"
                 " (rollout.prompts_per_step)"
             )

@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 
 from observe_r1.chat import build_messages, open_images
 from observe_r1.data import Sample
-from observe_r1.errors import UserError
+from observe_r1.errors import InvalidValue
 from observe_r1.format import SYSTEM_PROMPT
 from observe_r1.modeling import position_ids
 
@@ -76,7 +76,7 @@ def check_prompt_lengths(samples: list[Sample], inputs: list[dict], limit: int |
     ]
     if long:
         listed = ", ".join(f"sample {sid!r} has {n}" for sid, n in long)
-        raise UserError(f"prompts longer than rollout.max_prompt_tokens = {limit} tokens: {listed}")
+        raise InvalidValue(f"prompts longer than rollout.max_prompt_tokens = {limit} tokens: {listed}")
 
 
 def _collate(prompts: list[dict], pad_id: int, image_keys=_IMAGE_KEYS) -> dict[str, torch.Tensor]:

@@ -1,15 +1,15 @@
 """Functions of the local lmms-eval tasks: prompt from a sample row, score by the project's answer check.
 
 They run inside lmms-eval's own environment (.venv-eval, where the package is installed without its
-dependencies), so they import only the pure parts: the sample type and `accuracy_reward`. lmms-eval has
+dependencies), so they import only the pure parts of the core: the sample type and the answer check. lmms-eval has
 already cut the `<observe>` and `<think>` blocks out of the response (`--reasoning_tags`), and
-`accuracy_reward` reads the `<answer>` block of what is left, exactly as the training reward does.
+`observe_r1.answer.accuracy` reads the `<answer>` block of what is left, exactly as the training reward does.
 """
 
 from PIL import Image
 
+from observe_r1.answer import accuracy
 from observe_r1.data import Sample
-from observe_r1_train.rewards import accuracy_reward
 
 
 def _sample(doc: dict) -> Sample:
@@ -49,4 +49,4 @@ def doc_to_messages(doc: dict, lmms_eval_specific_kwargs=None) -> list[dict]:
 
 def process_results(doc: dict, results: list[str]) -> dict:
     """`accuracy`: 1.0 when the answer is equivalent to the gold one (train/rewards.py), else 0.0."""
-    return {"accuracy": accuracy_reward(results[0], _sample(doc))}
+    return {"accuracy": accuracy(results[0], _sample(doc))}
