@@ -63,6 +63,7 @@ def in_process(model_dir: Path, image, batches: tuple[int, ...], max_tokens: int
                 do_sample=True,
                 temperature=1.0,
                 top_p=1.0,
+                top_k=0,
             )
         return time.perf_counter() - start, ids.shape[0] * (ids.shape[1] - inputs["input_ids"].shape[1])
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from observe_r1.format import SYSTEM_PROMPT
+from observe_r1.sampling import SamplingParams, end_of_turn_ids, to_generation_config
 
 
 def build_messages(question: str, n_images: int, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
@@ -37,30 +38,20 @@ class Generation:
 
 @torch.inference_mode()
 def generate(
-    model,
-    processor,
-    messages: list[dict],
-    images: list[Image.Image],
-    max_new_tokens: int = 256,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    model, processor, messages: list[dict], images: list[Image.Image], params: SamplingParams
 ) -> Generation:
-    """Sample one response (greedy when `temperature` is 0), stopping at the end of the turn."""
+    """One response sampled with exactly `params` (greedy when its temperature is 0), stopping at the
+    end of the turn (`params.n` and `params.stop` are not used: one response, no stop strings)."""
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[prompt], images=images or None, return_tensors="pt").to(model.device)
-    if seed is not None:
-        torch.manual_seed(seed)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p}
-        if temperature > 0
-        else {"do_sample": False}
-    )
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    tokenizer = processor.tokenizer
+    eos = end_of_turn_ids(tokenizer, model.generation_config.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    output = model.generate(**inputs, generation_config=to_generation_config(params, eos, pad))
     prompt_len = inputs["input_ids"].shape[1]
     new_tokens = output[0, prompt_len:]
-    eos_ids = model.generation_config.eos_token_id
-    eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or [])
     completion_tokens = next((i + 1 for i, t in enumerate(new_tokens.tolist()) if t in eos), len(new_tokens))
-    text = processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
     return Generation(text=text, prompt_tokens=prompt_len, completion_tokens=completion_tokens)

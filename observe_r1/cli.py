@@ -48,6 +48,7 @@ def _chat(args: argparse.Namespace) -> None:
     from observe_r1.data import load_samples
     from observe_r1.format import parse
     from observe_r1.modeling import load_model, load_processor
+    from observe_r1.sampling import NEUTRAL, SamplingParams, checkpoint_defaults, describe, resolve
 
     gold = None
     if args.sample:
@@ -58,23 +59,21 @@ def _chat(args: argparse.Namespace) -> None:
         question, image_paths, gold = sample.question, sample.images, sample.answer
     else:
         question, image_paths = args.question, args.image
+    defaults = checkpoint_defaults(args.model) if args.generation_config == "auto" else {}
+    values, sources = resolve({key: getattr(args, key) for key in NEUTRAL}, defaults)
+    params = SamplingParams(**values, max_tokens=args.max_new_tokens, seed=args.seed)
     model = load_model(args.model)
     processor = load_processor(args.model)
     start = time.perf_counter()
     out = generate(
-        model,
-        processor,
-        build_messages(question, len(image_paths)),
-        open_images(image_paths),
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
+        model, processor, build_messages(question, len(image_paths)), open_images(image_paths), params
     )
     seconds = time.perf_counter() - start
     result = parse(out.text, nested_observe=args.nested_observe)
     report = {
         "question": question,
         "gold_answer": gold,
+        "sampling": describe(values, sources),
         "raw": out.text,
         "observation": result.observation,
         "reasoning": result.reasoning,
@@ -124,7 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row", type=int, default=0)
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable), with --question")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
+    unset = "default: the checkpoint's generation config, else %s"
+    p.add_argument("--temperature", type=float, help=unset % "1.0 (0: greedy)")
+    p.add_argument("--top-p", type=float, help=unset % "1.0")
+    p.add_argument("--top-k", type=int, help=unset % "0 (no cut)")
+    p.add_argument("--repetition-penalty", type=float, help=unset % "1.0 (none)")
+    p.add_argument(
+        "--generation-config",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: unset sampling options from the model's generation_config.json; none: ignore that file",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--nested-observe", action="store_true", help="also accept <observe> nested in <think>")
     p.add_argument("--json", action="store_true")

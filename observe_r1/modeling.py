@@ -104,8 +104,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "fp32", device: str = "cpu"):
-    """The image-text-to-text model in `path`, in eval mode, on `device`."""
-    from transformers import AutoModelForImageTextToText
+    """The image-text-to-text model in `path`, in eval mode, on `device`.
+
+    Its generation config keeps only the special token ids: `generate` fills every setting a call leaves
+    unset from it, so a checkpoint's sampling defaults (Qwen2.5-VL ships top_k=1, top_p=0.001 and a
+    repetition penalty) would reach paths that must sample exactly as configured. Who wants those
+    defaults reads them with `observe_r1.sampling.checkpoint_defaults` (docs/architecture.md, "Sampling").
+    """
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     path = Path(path)
     check_model_folder(path)
@@ -113,6 +119,10 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "fp32", devic
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a model from {path}: {e}") from e
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id
+    )
     return model.to(device).eval()
 
 

@@ -242,11 +242,9 @@ def build_engine(config: ServerConfig) -> Engine:
         from observe_r1_serve.vllm_engine import VLLMEngine
 
         return VLLMEngine(config)
-    if name == "transformers":
-        from observe_r1_serve.transformers_engine import TransformersEngine
+    from observe_r1_serve.transformers_engine import TransformersEngine
 
-        return TransformersEngine(config)
-    raise ValueError(f"unknown engine '{config.engine}' (use auto, vllm or transformers)")
+    return TransformersEngine(config)
 
 
 def _vllm_usable() -> bool:

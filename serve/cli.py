@@ -27,12 +27,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=Path, required=True, help="a Hugging Face model folder")
         elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(
+                flag, choices=typing.get_args(kind), default=f.default, help=f"default: {f.default}"
+            )
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            choices = ("auto", "transformers", "vllm") if f.name == "engine" else None
-            parser.add_argument(
-                flag, type=base, default=f.default, choices=choices, help=f"default: {f.default}"
-            )
+            parser.add_argument(flag, type=base, default=f.default, help=f"default: {f.default}")
     parser.add_argument("--api-key-file", type=Path, help=f"file holding the API key (or set ${API_KEY_ENV})")
     parser.add_argument("--log-level", default="info")
 

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 from observe_r1.errors import InvalidValue
+
+EngineName = Literal["auto", "transformers", "vllm"]  # auto: vLLM where installed and a GPU is present
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on GPU, fp32 on CPU
+# auto: sampling settings a request leaves out come from the model's generation_config.json (vLLM's
+# default); none: that file is ignored and the neutral values apply (vLLM's `--generation-config vllm`).
+GenerationDefaults = Literal["auto", "none"]
 
 
 @dataclass
 class ServerConfig:
     model: Path
-    engine: str = "auto"  # "auto": vLLM where installed and a GPU is present, else transformers
+    engine: EngineName = "auto"
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
     system_prompt: str | None = None  # None: observe_r1.format.SYSTEM_PROMPT; "": no system prompt
     nested_observe: bool = False
-    dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
+    dtype: Dtype = "auto"
+    generation_config: GenerationDefaults = "auto"
     # Limits on what one request may ask for.
     max_body_bytes: int = 20 * 1024 * 1024
     max_images_per_request: int = 8
@@ -39,6 +48,15 @@ class ServerConfig:
     prefix_cache: bool = True
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(ServerConfig)
+        for f in fields(self):
+            if typing.get_origin(hints[f.name]) is Literal and getattr(self, f.name) not in typing.get_args(
+                hints[f.name]
+            ):
+                allowed = ", ".join(typing.get_args(hints[f.name]))
+                raise InvalidValue(f"{f.name}={getattr(self, f.name)!r}: expected one of {allowed}")
 
     @property
     def model_name(self) -> str:

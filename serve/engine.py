@@ -14,15 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+from observe_r1.sampling import SamplingParams
 
 
 @dataclass
@@ -30,7 +22,7 @@ class EngineRequest:
     request_id: str
     prompt: str
     images: list[Image.Image]
-    sampling: SamplingOptions
+    sampling: SamplingParams
     prompt_tokens: int = 0  # set by `Engine.prepare`
     inputs: Any = None  # the engine's own form of the prompt, set by `Engine.prepare`
 

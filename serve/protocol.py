@@ -56,8 +56,11 @@ class ChatCompletionRequest(_Request):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     n: int = Field(default=1, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Sampling settings left out (None) take the model's generation-config defaults (`--generation-config`).
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, description="vLLM's extra: 0 or -1 for no top-k cut")
+    repetition_penalty: float | None = Field(default=None, gt=0.0, description="vLLM's extra: 1 for none")
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None

@@ -1,4 +1,5 @@
-"""Next-token sampling for a batch whose rows each bring their own temperature, top-p and random draw.
+"""Next-token sampling for a batch whose rows each bring their own settings (`observe_r1.sampling`:
+temperature, top-k, top-p, repetition penalty) and random draw.
 
 One vectorised pass over the whole batch: on a 152k-token vocabulary a per-row loop of softmax and
 `torch.multinomial` costs about 5 ms a row on a CPU, more than a decoding step of a small model.
@@ -21,15 +22,31 @@ def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.minimum(picked, last).squeeze(1)
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Logits (rows x vocabulary) with each row's already-seen tokens penalised, in place.
+
+    For a token in the row's prompt or response so far (`seen`, boolean, rows x vocabulary), a positive
+    logit is divided by penalty[r] and a negative one multiplied by it (Keskar et al., 2019, CTRL, as
+    transformers and vLLM apply it); penalty 1 leaves the row as it is."""
+    factor = torch.where(logits > 0, 1 / penalty[:, None], penalty[:, None]).to(logits.dtype)
+    return logits.copy_(torch.where(seen, logits * factor, logits))
+
+
 def sample_rows(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    uniform: torch.Tensor,
+    top_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token of each row of `logits` (rows x vocabulary).
 
-    Row r is greedy (argmax) when temperature[r] == 0. Otherwise p = softmax(logits[r] / temperature[r]);
-    when top_p[r] < 1, p keeps only the most likely tokens up to the first whose preceding cumulative
-    mass exceeds top_p[r] (nucleus sampling, Holtzman et al., 2020, "The Curious Case of Neural Text
-    Degeneration"); the token is then drawn by inverse CDF with uniform[r] in [0, 1).
+    Row r is greedy (argmax) when temperature[r] == 0. Otherwise p = softmax(logits[r] / temperature[r])
+    over the top_k[r] most likely tokens (all of them when top_k[r] is 0 or `top_k` is None); when
+    top_p[r] < 1, p keeps only the most likely tokens up to the first whose preceding cumulative mass
+    exceeds top_p[r] (nucleus sampling, Holtzman et al., 2020, "The Curious Case of Neural Text
+    Degeneration"); the token is then drawn by inverse CDF with uniform[r] in [0, 1). The order, top-k
+    before top-p on the tempered distribution, is transformers' and vLLM's.
 
     A row's token depends only on its own logits and settings and its own `uniform`, so a request
     seeded with its own random stream gets the same tokens whatever it is batched with."""
@@ -41,7 +58,13 @@ def sample_rows(
     if sampled.numel() == 0:
         return chosen
     rows = logits if sampled.numel() == logits.shape[0] else logits[sampled]  # no copy in the usual case
-    probs = torch.softmax(rows.float() / temperature[sampled, None], dim=-1)
+    scaled = rows.float() / temperature[sampled, None]
+    limited = None if top_k is None else (top_k[sampled] > 0).nonzero().squeeze(1)
+    if limited is not None and limited.numel():
+        k = top_k[sampled][limited].clamp(max=scaled.shape[1])
+        kth = scaled[limited].topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        scaled[limited] = scaled[limited].masked_fill(scaled[limited] < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
     draws = uniform[sampled]
     nucleus = top_p[sampled] < 1
     plain = (~nucleus).nonzero().squeeze(1)

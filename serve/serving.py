@@ -5,14 +5,16 @@ reasoning and answer with `observe_r1.format` (the streaming parser for SSE)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from PIL import Image
 
 from observe_r1.format import SYSTEM_PROMPT, ParseResult, StreamParser, parse
+from observe_r1.sampling import SamplingParams, checkpoint_defaults, describe, resolve
 from observe_r1_serve.config import RequestError, ServerConfig
 from observe_r1_serve.engine import (
     ChoiceDelta,
@@ -20,7 +22,6 @@ from observe_r1_serve.engine import (
     EngineRequest,
     PromptTooLongError,
     QueueFullError,
-    SamplingOptions,
 )
 from observe_r1_serve.images import load_image
 from observe_r1_serve.metrics import Metrics
@@ -37,12 +38,17 @@ from observe_r1_serve.protocol import (
     dump,
 )
 
+log = logging.getLogger("observe_r1.serve")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
 _FIELD_NAMES = {"observation": "observation", "reasoning": "reasoning", "answer": "content"}
 
 
-def sampling_options(req: ChatCompletionRequest, config: ServerConfig) -> SamplingOptions:
+def sampling_params(
+    req: ChatCompletionRequest, config: ServerConfig, defaults: Mapping[str, float | int]
+) -> SamplingParams:
+    """The request's sampling settings under the server's limits; what it leaves out comes from
+    `defaults` (the checkpoint's generation config, or none), then the neutral values."""
     if req.n > config.max_n:
         raise RequestError(f"n={req.n} exceeds this server's limit of {config.max_n}", param="n")
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -58,9 +64,10 @@ def sampling_options(req: ChatCompletionRequest, config: ServerConfig) -> Sampli
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
         raise RequestError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings", param="stop")
-    return SamplingOptions(
-        n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens, stop=stop, seed=req.seed
-    )
+    top_k = 0 if req.top_k == -1 else req.top_k  # vLLM's older spelling of "no cut"
+    requested = {"temperature": req.temperature, "top_p": req.top_p, "top_k": top_k}
+    values, _ = resolve({**requested, "repetition_penalty": req.repetition_penalty}, defaults)
+    return SamplingParams(**values, n=req.n, max_tokens=max_tokens, stop=stop, seed=req.seed)
 
 
 async def template_messages(
@@ -115,6 +122,15 @@ class ChatService:
         self.config = config
         self.engine = engine
         self.metrics = metrics
+        self.sampling_defaults = (
+            checkpoint_defaults(config.model) if config.generation_config == "auto" else {}
+        )
+        values, sources = resolve({}, self.sampling_defaults)
+        log.info(
+            "sampling defaults for settings a request leaves out (--generation-config %s): %s",
+            config.generation_config,
+            describe(values, sources),
+        )
 
     async def start(self, req: ChatCompletionRequest) -> tuple[EngineRequest, AsyncIterator[ChoiceDelta]]:
         """Validate, prepare and queue a request; every client error is raised here, before any
@@ -126,7 +142,7 @@ class ChatService:
                 status=404,
                 code="model_not_found",
             )
-        sampling = sampling_options(req, self.config)
+        sampling = sampling_params(req, self.config, self.sampling_defaults)
         messages, images = await template_messages(req, self.config)
         engine_request = EngineRequest(
             request_id=uuid.uuid4().hex,

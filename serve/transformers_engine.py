@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from observe_r1.modeling import load_model, load_processor
+from observe_r1.sampling import end_of_turn_ids
 from observe_r1_serve.batch_inputs import PrefixCache, collate
 from observe_r1_serve.config import ServerConfig
 from observe_r1_serve.engine import (
@@ -51,7 +52,7 @@ from observe_r1_serve.engine import (
     StopMatcher,
     coalesce,
 )
-from observe_r1_serve.sampling import sample_rows
+from observe_r1_serve.sampling import apply_repetition_penalty, sample_rows
 
 log = logging.getLogger("observe_r1.serve")
 
@@ -105,8 +106,8 @@ class _Row:
 
 
 class _RowSampler(LogitsProcessor):
-    """Chooses every row's next token itself (`observe_r1_serve.sampling.sample_rows`, each row with its own
-    settings and random stream) and returns logits that make greedy decoding pick it."""
+    """Chooses every row's next token itself (`observe_r1_serve.sampling.sample_rows`, each row with its
+    own settings and random stream) and returns logits that make greedy decoding pick it."""
 
     def __init__(self, rows: list[_Row], pad_id: int, device: torch.device):
         self.rows = rows
@@ -114,10 +115,30 @@ class _RowSampler(LogitsProcessor):
         options = [row.job.request.sampling for row in rows]
         self.temperature = torch.tensor([o.temperature for o in options], device=device)
         self.top_p = torch.tensor([o.top_p for o in options], device=device)
+        self.top_k = torch.tensor([o.top_k for o in options], device=device)
+        self.penalty = torch.tensor([o.repetition_penalty for o in options], device=device)
+        self.penalised = (self.penalty != 1).nonzero().squeeze(1)
+        self.seen: torch.Tensor | None = None  # (penalised rows x vocabulary): tokens of prompt and response
+
+    def _penalise(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> None:
+        """The repetition penalty of the rows that have one, over each row's own prompt (its padding
+        and any prefix it does not share left out) and what it has generated so far."""
+        if self.seen is None:
+            self.seen = torch.zeros(
+                len(self.penalised), scores.shape[1], dtype=torch.bool, device=scores.device
+            )
+            for i, r in enumerate(self.penalised.tolist()):
+                self.seen[i, self.rows[r].job.request.inputs["input_ids"][0].to(scores.device)] = True
+        self.seen[torch.arange(len(self.penalised)), input_ids[self.penalised, -1]] = True
+        scores[self.penalised] = apply_repetition_penalty(
+            scores[self.penalised], self.seen, self.penalty[self.penalised]
+        )
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.penalised.numel():
+            self._penalise(input_ids, scores)
         uniform = torch.tensor([0.0 if row.finished else row.random.random() for row in self.rows])
-        chosen = sample_rows(scores, self.temperature, self.top_p, uniform.to(scores.device))
+        chosen = sample_rows(scores, self.temperature, self.top_p, uniform.to(scores.device), self.top_k)
         finished = torch.tensor([row.finished for row in self.rows], device=scores.device)
         chosen[finished] = self.pad_id
         # `scores` is generate's own float32 copy of this step's logits: marking the chosen token +inf
@@ -163,8 +184,7 @@ class TransformersEngine(Engine):
         self.model = load_model(config.model, dtype=dtype, device=device)
         self.processor = load_processor(config.model)
         self.tokenizer = self.processor.tokenizer
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [self.tokenizer.eos_token_id])
+        self.eos_ids = set(end_of_turn_ids(self.tokenizer, self.model.generation_config.eos_token_id))
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         )

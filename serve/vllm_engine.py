@@ -44,9 +44,7 @@ class VLLMEngine(Engine):
 
         self.config = config
         self.name = "vllm"
-        dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(
-            config.dtype, config.dtype
-        )
+        dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[config.dtype]
         args = AsyncEngineArgs(
             model=str(config.model),
             served_model_name=config.model_name,
@@ -108,6 +106,8 @@ class VLLMEngine(Engine):
             n=s.n,
             temperature=s.temperature,
             top_p=s.top_p,
+            top_k=s.top_k,
+            repetition_penalty=s.repetition_penalty,
             max_tokens=s.max_tokens,
             stop=list(s.stop),
             seed=s.seed,

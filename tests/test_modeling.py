@@ -14,6 +14,7 @@ from transformers import Qwen2_5_VLProcessor
 
 from observe_r1.chat import build_messages, generate
 from observe_r1.modeling import ModelLoadError, load_model, load_processor, torchvision_available
+from observe_r1.sampling import SamplingParams
 from observe_r1.tiny_model import QWEN_SPECIAL_TOKENS, SIZES, build, parameter_count
 
 EXPECTED_FILES = {
@@ -141,13 +142,13 @@ def test_image_size_limits_can_be_overridden_at_load(tiny_model_dir):
 def test_generation_is_seeded_and_stops_within_the_budget(tiny_model_dir):
     model, processor = load_model(tiny_model_dir), load_processor(tiny_model_dir)
     messages = build_messages("How many circles?", 1)
-    first = generate(model, processor, messages, [_image()], max_new_tokens=12, seed=3)
-    again = generate(model, processor, messages, [_image()], max_new_tokens=12, seed=3)
+    first = generate(model, processor, messages, [_image()], SamplingParams(max_tokens=12, seed=3))
+    again = generate(model, processor, messages, [_image()], SamplingParams(max_tokens=12, seed=3))
     assert first == again
     assert 1 <= first.completion_tokens <= 12
-    greedy = generate(model, processor, messages, [_image()], max_new_tokens=12, temperature=0)
+    greedy = generate(model, processor, messages, [_image()], SamplingParams(max_tokens=12, temperature=0))
     assert greedy == generate(
-        model, processor, messages, [_image()], max_new_tokens=12, temperature=0, seed=99
+        model, processor, messages, [_image()], SamplingParams(max_tokens=12, temperature=0, seed=99)
     )
 
 

@@ -9,8 +9,9 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from observe_r1.format import SYSTEM_PROMPT
+from observe_r1.sampling import SamplingParams
 from observe_r1_serve.config import ServerConfig
-from observe_r1_serve.engine import EngineRequest, SamplingOptions
+from observe_r1_serve.engine import EngineRequest
 from observe_r1_serve.transformers_engine import TransformersEngine
 
 
@@ -57,7 +58,7 @@ def engines(tiny_model_dir):
         asyncio.run(engine.shutdown())
 
 
-def run_batch(engine: TransformersEngine, sampling: SamplingOptions) -> list[list[tuple[int, str, int]]]:
+def run_batch(engine: TransformersEngine, sampling: SamplingParams) -> list[list[tuple[int, str, int]]]:
     """Every conversation as one request; per request, its (choice, text, tokens) when each choice ends."""
 
     async def one(index: int, messages: list[dict], images: list) -> list[tuple[int, str, int]]:
@@ -82,8 +83,8 @@ def run_batch(engine: TransformersEngine, sampling: SamplingOptions) -> list[lis
 @pytest.mark.parametrize(
     "sampling",
     [
-        SamplingOptions(temperature=0, max_tokens=12),
-        SamplingOptions(n=2, temperature=1.0, max_tokens=12, seed=7),
+        SamplingParams(temperature=0, max_tokens=12),
+        SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=7),
     ],
     ids=["greedy", "seeded-sampling"],
 )
@@ -97,7 +98,7 @@ def test_the_shared_system_turn_is_prefilled_once_and_reused(engines):
     engine = engines[True]
     cache = engine.prefix_cache
     misses = cache.misses
-    run_batch(engine, SamplingOptions(temperature=0, max_tokens=2))
+    run_batch(engine, SamplingParams(temperature=0, max_tokens=2))
     assert cache.misses == misses <= 1 and cache.hits >= 1
 
 
@@ -105,7 +106,7 @@ def test_each_system_prompt_is_its_own_prefix_and_a_prompt_without_one_is_plainl
     engine = engines[True]
 
     def processed(prompt: str, images: list) -> dict:
-        return engine._process(EngineRequest("x", prompt, images, SamplingOptions()))
+        return engine._process(EngineRequest("x", prompt, images, SamplingParams()))
 
     turns = {
         engine.prefix_cache.system_turn(processed(engine.render_prompt(messages), images))
@@ -126,7 +127,7 @@ def test_logits_from_the_cache_match_each_prompt_run_alone(engines):
     position or mask can leave the argmax alone): the first steps' logits agree to float rounding."""
     engine = engines[True]
     items = [
-        engine._process(EngineRequest("x", engine.render_prompt(messages), images, SamplingOptions()))
+        engine._process(EngineRequest("x", engine.render_prompt(messages), images, SamplingParams()))
         for messages, images in CONVERSATIONS
     ]
 

@@ -11,7 +11,8 @@ from observe_r1.chat import build_messages, generate, open_images
 from observe_r1.data import Sample
 from observe_r1.format import SYSTEM_PROMPT
 from observe_r1.modeling import load_model, load_processor
-from observe_r1_train.rollout import RolloutEngine, SamplingSettings, TransformersRollout
+from observe_r1.sampling import SamplingParams
+from observe_r1_train.rollout import RolloutEngine, TransformersRollout
 
 G = 4
 PROMPTS = [
@@ -61,14 +62,15 @@ def biased(model, processor):
     return biased
 
 
-def settings(**kwargs) -> SamplingSettings:
-    return SamplingSettings(**{"max_new_tokens": 16, "seed": 0, **kwargs})
+def sampling(**kwargs) -> SamplingParams:
+    """Groups of G responses of at most 16 tokens, seeded."""
+    return SamplingParams(**{"max_tokens": 16, "seed": 0, "n": G, **kwargs})
 
 
 def test_batch_layout(biased, processor, samples):
     engine = TransformersRollout(biased, processor)
     assert isinstance(engine, RolloutEngine)
-    batch = engine.generate(samples, PROMPTS, G, settings())
+    batch = engine.generate(samples, PROMPTS, sampling())
     n = len(samples) * G
     ids, mask, lengths = batch.completion_ids, batch.completion_mask, batch.completion_lengths
     assert ids.shape == mask.shape == (n, 16)
@@ -98,10 +100,10 @@ def test_batch_layout(biased, processor, samples):
 def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(model, processor, samples):
     engine = TransformersRollout(model, processor)
     state = torch.get_rng_state()
-    first = engine.generate(samples, PROMPTS, G, settings(seed=7))
+    first = engine.generate(samples, PROMPTS, sampling(seed=7))
     assert torch.equal(torch.get_rng_state(), state)
-    again = engine.generate(samples, PROMPTS, G, settings(seed=7))
-    other = engine.generate(samples, PROMPTS, G, settings(seed=8))
+    again = engine.generate(samples, PROMPTS, sampling(seed=7))
+    other = engine.generate(samples, PROMPTS, sampling(seed=8))
     assert torch.equal(first.completion_ids, again.completion_ids)
     assert not torch.equal(first.completion_ids, other.completion_ids)
     # Sampling, not copying: responses within a group differ.
@@ -109,13 +111,13 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(model, proc
 
 
 def test_greedy_groups_match_single_prompt_generate(model, processor, samples):
-    batch = TransformersRollout(model, processor).generate(samples, PROMPTS, G, settings(temperature=0.0))
+    batch = TransformersRollout(model, processor).generate(samples, PROMPTS, sampling(temperature=0.0))
     for p, sample in enumerate(samples):
         group = batch.completion_ids[p * G : (p + 1) * G]
         assert (group == group[0]).all()
         images = open_images(sample.images)
         messages = build_messages(PROMPTS[p], len(images), SYSTEM_PROMPT)
-        alone = generate(model, processor, messages, images, max_new_tokens=16, temperature=0)
+        alone = generate(model, processor, messages, images, SamplingParams(max_tokens=16, temperature=0))
         assert batch.texts[p * G : (p + 1) * G] == [alone.text] * G
 
 
@@ -123,15 +125,16 @@ def test_greedy_groups_match_single_prompt_generate(model, processor, samples):
 def test_shared_prefill_equals_repeated_prompts(biased, processor, samples, temperature):
     shared = TransformersRollout(biased, processor)
     repeated = TransformersRollout(biased, processor, share_prefill=False)
-    s = settings(temperature=temperature, top_p=0.9, logprobs=True)
-    a, b = shared.generate(samples, PROMPTS, G, s), repeated.generate(samples, PROMPTS, G, s)
+    s = sampling(temperature=temperature, top_p=0.9)
+    a = shared.generate(samples, PROMPTS, s, logprobs=True)
+    b = repeated.generate(samples, PROMPTS, s, logprobs=True)
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert a.texts == b.texts and a.finish_reasons == b.finish_reasons
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
 
 
 def test_update_forward_reproduces_generation_logprobs(biased, processor, samples):
-    batch = TransformersRollout(biased, processor).generate(samples, PROMPTS, G, settings(logprobs=True))
+    batch = TransformersRollout(biased, processor).generate(samples, PROMPTS, sampling(), logprobs=True)
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert ((batch.completion_ids == image_pad) & batch.completion_mask.bool()).any()
     everything, mixed = list(range(len(batch.texts))), [G + 1, 2 * G, 2 * G + 3, 0]
@@ -148,7 +151,7 @@ def test_update_forward_reproduces_generation_logprobs(biased, processor, sample
 
 
 def test_update_forward_backpropagates_into_the_shared_vision_tower(biased, processor, samples):
-    batch = TransformersRollout(biased, processor).generate(samples, PROMPTS, G, settings())
+    batch = TransformersRollout(biased, processor).generate(samples, PROMPTS, sampling())
     inputs, start = batch.model_inputs(biased)
     logits = biased(**inputs).logits[:, start - 1 : -1]
     logits.log_softmax(-1).gather(-1, batch.completion_ids[..., None]).sum().backward()
@@ -160,13 +163,13 @@ def test_update_forward_backpropagates_into_the_shared_vision_tower(biased, proc
 def test_refuses_bad_calls(model, processor, samples):
     engine = TransformersRollout(model, processor)
     with pytest.raises(ValueError, match="one prompt per sample"):
-        engine.generate(samples, PROMPTS[:2], G, settings())
-    with pytest.raises(ValueError, match="group_size"):
-        engine.generate(samples, PROMPTS, 0, settings())
+        engine.generate(samples, PROMPTS[:2], sampling())
+    with pytest.raises(ValueError, match="n=0: must be >= 1"):
+        engine.generate(samples, PROMPTS, sampling(n=0))
     model.train()
     try:
         with pytest.raises(RuntimeError, match="eval mode"):
-            engine.generate(samples, PROMPTS, G, settings())
+            engine.generate(samples, PROMPTS, sampling())
     finally:
         model.eval()
 
@@ -176,4 +179,4 @@ def test_prompts_over_the_limit_are_refused_by_name(model, processor, samples):
     with pytest.raises(
         ValueError, match=r"max_prompt_tokens = 300 tokens: sample '1' has \d+, sample '2' has"
     ):
-        engine.generate(samples, PROMPTS, G, settings(max_prompt_tokens=300))
+        engine.generate(samples, PROMPTS, sampling(), max_prompt_tokens=300)

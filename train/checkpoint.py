@@ -27,6 +27,7 @@ import torch
 
 from observe_r1.errors import MissingFile
 from observe_r1.io import atomic_dir, atomic_write_text
+from observe_r1.sampling import SamplingParams, end_of_turn_ids, trained_generation_config
 
 CHECKPOINTS = "checkpoints"
 STATE_TAG = "state"
@@ -128,11 +129,13 @@ def load(engine, path: Path) -> dict[str, Any]:
     return json.loads((path / TRAINER_STATE).read_text())
 
 
-def export_hf(engine, processor, target: Path) -> Path:
+def export_hf(engine, processor, target: Path, sampling: SamplingParams) -> Path:
     """Write the policy as a Hugging Face folder that transformers, vLLM and `observe-r1 serve` load.
 
-    Weights in the training precision (bf16 or fp32), config, generation config, tokenizer, image
-    processor and chat template; written atomically (rank 0), with ZeRO-3 weights gathered first.
+    Weights in the training precision (bf16 or fp32), config, tokenizer, image processor, chat template
+    and a generation config that states `sampling` (the sampling the model was trained with), so that
+    plain vLLM and this project's server sample it alike; written atomically (rank 0), with ZeRO-3
+    weights gathered first.
     """
     import deepspeed
 
@@ -145,5 +148,9 @@ def export_hf(engine, processor, target: Path) -> Path:
             with atomic_dir(target, overwrite=True) as staging:
                 module.save_pretrained(staging, state_dict=state, safe_serialization=True)
                 processor.save_pretrained(staging)
+                tokenizer, saved = processor.tokenizer, module.generation_config
+                eos = end_of_turn_ids(tokenizer, saved.eos_token_id)
+                pad = saved.pad_token_id if saved.pad_token_id is not None else tokenizer.pad_token_id
+                trained_generation_config(sampling, eos, pad, saved.bos_token_id).save_pretrained(staging)
     _barrier()
     return Path(target)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from observe_r1.config import ConfigError, load_config
+from observe_r1.sampling import SamplingParams
 from observe_r1_train import algorithms
 from observe_r1_train.rewards import BONUS_COEF, BONUS_MIN_LEN, BUILTINS, DEFAULT_COMPONENTS, REWARD_CLAMP
 
@@ -82,12 +83,28 @@ class RolloutConfig:
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     group_size: int = 8
     prompts_per_step: int = 128  # all ranks together
+    # Rollouts sample with exactly these, whatever the checkpoint's generation config says; the export
+    # states them as its generation config.
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0  # 1: none
     max_new_tokens: int = 8192
     max_prompt_tokens: int = 9216
     vllm_gpu_memory_utilization: float = 0.5  # ours; vLLM shares the GPUs with training (colocated)
     vllm_sleep: bool = True  # authors: vLLM sleeps (frees its memory) while the actor trains
+
+    def sampling(self, seed: int | None = None) -> SamplingParams:
+        """How a rollout samples: a group of `group_size` responses to each prompt."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            max_tokens=self.max_new_tokens,
+            n=self.group_size,
+            seed=seed,
+        )
 
 
 @dataclass
@@ -234,6 +251,8 @@ class TrainConfig:
         _check(all(0 <= b < 1 for b in opt.betas), "optim.betas", "each must lie in [0, 1)")
         _check(ro.temperature > 0, "rollout.temperature", "must be > 0")
         _check(0 < ro.top_p <= 1, "rollout.top_p", "must lie in (0, 1]")
+        _check(ro.top_k >= 0, "rollout.top_k", "must be >= 0 (0: no cut)")
+        _check(ro.repetition_penalty > 0, "rollout.repetition_penalty", "must be > 0 (1: none)")
         _check(0 <= self.hints.difficulty_threshold <= 1, "hints.difficulty_threshold", "must lie in [0, 1]")
         _check(alg.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
         _check(bool(self.data.paths), "data.paths", "needs at least one data file")

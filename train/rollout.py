@@ -26,28 +26,10 @@ from observe_r1.data import Sample
 from observe_r1.errors import InvalidValue
 from observe_r1.format import SYSTEM_PROMPT
 from observe_r1.modeling import position_ids
+from observe_r1.sampling import SamplingParams, end_of_turn_ids, to_generation_config
 
-END_OF_TURN = "<|im_end|>"
 _PADDED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw")
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How to sample: `temperature` 0 means greedy; top-k is always off (plain nucleus sampling).
-
-    `seed` makes a rollout reproducible without touching the trainer's global RNG; None draws a seed
-    from the global RNG, which then advances, so a seeded run still reproduces. `logprobs` keeps each
-    sampled token's log-prob under the raw (untempered) model distribution; it holds T x N x vocab
-    logits while generating, so it is meant for checks and small runs; the update recomputes them.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    seed: int | None = None
-    logprobs: bool = False
-    max_prompt_tokens: int | None = None  # a longer prompt (images included) is refused, naming its sample
 
 
 def process_prompt(processor, sample: Sample, prompt: str, system_prompt: str | None) -> dict:
@@ -198,11 +180,21 @@ class RolloutEngine(abc.ABC):
         self,
         samples: list[Sample],
         prompts: list[str],
-        group_size: int,
-        settings: SamplingSettings,
+        sampling: SamplingParams,
         system_prompt: str | None = SYSTEM_PROMPT,
+        *,
+        logprobs: bool = False,
+        max_prompt_tokens: int | None = None,
     ) -> RolloutBatch:
-        """`group_size` responses to each `prompts[i]` (the user text for `samples[i]`)."""
+        """A group of `sampling.n` responses to each `prompts[i]` (the user text for `samples[i]`),
+        sampled with exactly `sampling`, whatever the checkpoint's generation config says.
+
+        `sampling.seed` makes a rollout reproducible without touching the trainer's global RNG; None
+        draws a seed from the global RNG, which then advances, so a seeded run still reproduces.
+        `logprobs` keeps each sampled token's log-prob under the raw (untempered) model distribution;
+        it holds T x N x vocab logits while generating, so it is meant for checks and small runs (the
+        update recomputes them). A prompt longer than `max_prompt_tokens` (images included) is
+        refused, naming its sample."""
 
     @abc.abstractmethod
     def update_weights(self, model_or_state_dict) -> None:
@@ -234,9 +226,7 @@ class TransformersRollout(RolloutEngine):
         # weights from all ranks), even after its own rows have finished.
         self.synced_gpus = synced_gpus
         tokenizer = processor.tokenizer
-        eos = model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_ids = sorted({*eos, tokenizer.convert_tokens_to_ids(END_OF_TURN)})
+        self.eos_ids = end_of_turn_ids(tokenizer, model.generation_config.eos_token_id)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def update_weights(self, model_or_state_dict) -> None:
@@ -249,29 +239,32 @@ class TransformersRollout(RolloutEngine):
         self,
         samples: list[Sample],
         prompts: list[str],
-        group_size: int,
-        settings: SamplingSettings,
+        sampling: SamplingParams,
         system_prompt: str | None = SYSTEM_PROMPT,
+        *,
+        logprobs: bool = False,
+        max_prompt_tokens: int | None = None,
     ) -> RolloutBatch:
         if len(samples) != len(prompts) or not samples:
             raise ValueError(f"need one prompt per sample: {len(samples)} samples, {len(prompts)} prompts")
-        if group_size < 1:
-            raise ValueError(f"group_size must be at least 1, got {group_size}")
         if self.model.training:
             raise RuntimeError("put the policy in eval mode for rollouts (model.eval()), then back to train")
         started = time.perf_counter()
         pairs = zip(samples, prompts, strict=True)
         inputs = [process_prompt(self.processor, s, p, system_prompt) for s, p in pairs]
-        check_prompt_lengths(samples, inputs, settings.max_prompt_tokens)
+        check_prompt_lengths(samples, inputs, max_prompt_tokens)
         processed = time.perf_counter()
-        seed = settings.seed if settings.seed is not None else int(torch.randint(2**62, ()))
+        seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()))
         # `generate` takes no torch.Generator, so seed the global RNG inside a fork and restore it.
         with torch.no_grad(), self._fork_rng():
             torch.manual_seed(seed)
             run = self._generate_shared if self.share_prefill else self._generate_repeated
-            output, prompt_width = run(inputs, group_size, self._generation_config(settings))
+            config = to_generation_config(
+                sampling, self.eos_ids, self.pad_id, return_dict_in_generate=True, output_logits=logprobs
+            )
+            output, prompt_width = run(inputs, sampling.n, config)
         timing = {"prepare": processed - started, "generate": time.perf_counter() - processed}
-        return self._batch(samples, inputs, group_size, output, prompt_width, timing)
+        return self._batch(samples, inputs, sampling.n, output, prompt_width, timing)
 
     def _fork_rng(self):
         """Fork the CPU RNG and every device's of the model's kind (`manual_seed` seeds them all)."""
@@ -280,24 +273,6 @@ class TransformersRollout(RolloutEngine):
             return torch.random.fork_rng(devices=[])
         count = torch.get_device_module(kind).device_count()
         return torch.random.fork_rng(devices=range(count), device_type=kind)
-
-    def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
-        """Everything set explicitly: `generate` fills unset fields from the checkpoint's generation
-        config, and Qwen's ships top_k=1, top_p=0.001 and a repetition penalty."""
-        sampling = (
-            {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
-            if settings.temperature > 0
-            else {"do_sample": False}
-        )
-        return GenerationConfig(
-            max_new_tokens=settings.max_new_tokens,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            repetition_penalty=1.0,
-            return_dict_in_generate=True,
-            output_logits=settings.logprobs,
-            **sampling,
-        )
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.model.device) for k, v in batch.items()}

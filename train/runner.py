@@ -23,6 +23,7 @@ from observe_r1.config import ConfigError, save_config
 from observe_r1.data import Sample, load_samples
 from observe_r1.format import SYSTEM_PROMPT
 from observe_r1.modeling import load_model, load_processor
+from observe_r1.sampling import SamplingParams
 from observe_r1_train import checkpoint
 from observe_r1_train.config import grad_accumulation
 from observe_r1_train.engine import (
@@ -91,6 +92,11 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def step(self) -> StepResult:
         """One step: read `stream_batch` samples (this rank's share), update, return the metrics."""
+
+    def trained_sampling(self) -> SamplingParams:
+        """The sampling the model was trained with, which its export states as its generation config
+        (neutral sampling unless the run sampled otherwise)."""
+        return SamplingParams()
 
     def __init__(self, cfg, progress: bool = True):
         self.cfg = cfg
@@ -262,7 +268,9 @@ class Runner(abc.ABC):
         }
         if step == self.total_steps and cfg.checkpoint.export_hf:
             summary["model"] = str(
-                checkpoint.export_hf(self.engine, self.processor, self.output_dir / "model")
+                checkpoint.export_hf(
+                    self.engine, self.processor, self.output_dir / "model", self.trained_sampling()
+                )
             )
         if self.rank == 0 and cfg.logging.plot_png:
             png = plot_curves(self.output_dir / METRICS_FILE, self.output_dir / CURVES_FILE, title=self.name)

@@ -20,6 +20,7 @@ import torch
 from observe_r1.config import ConfigError, load_config
 from observe_r1.data import Sample
 from observe_r1.format import format_response
+from observe_r1.sampling import END_OF_TURN
 from observe_r1_train import algorithms
 from observe_r1_train.config import (
     CheckpointConfig,
@@ -29,7 +30,7 @@ from observe_r1_train.config import (
     ModelConfig,
     OptimConfig,
 )
-from observe_r1_train.rollout import END_OF_TURN, RolloutBatch, process_prompt
+from observe_r1_train.rollout import RolloutBatch, process_prompt
 from observe_r1_train.runner import Runner, StepResult
 
 DEFAULT_OBSERVATION = "I look at the image for what the question asks about."  # ours

@@ -20,11 +20,12 @@ import torch
 
 from observe_r1.config import ConfigError
 from observe_r1.data import Sample
+from observe_r1.sampling import SamplingParams
 from observe_r1_train import algorithms
 from observe_r1_train.config import TrainConfig, validate_paths
 from observe_r1_train.prompts import hint_for, prompt_text
 from observe_r1_train.rewards import compute_rewards
-from observe_r1_train.rollout import RolloutBatch, SamplingSettings, TransformersRollout
+from observe_r1_train.rollout import RolloutBatch, TransformersRollout
 from observe_r1_train.runner import Runner, StepResult, reference_model
 
 
@@ -57,6 +58,9 @@ class GRPOTrainer(Runner):
     def stream_batch(self) -> int:
         return self.cfg.rollout.prompts_per_step
 
+    def trained_sampling(self) -> SamplingParams:
+        return self.cfg.rollout.sampling()
+
     def updates_per_step(self) -> int:
         responses = self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
         return responses // self.cfg.optim.train_batch * self.cfg.algorithm.ppo_epochs
@@ -68,15 +72,11 @@ class GRPOTrainer(Runner):
             for s in samples
         ]
         ro = self.cfg.rollout
-        settings = SamplingSettings(
-            temperature=ro.temperature,
-            top_p=ro.top_p,
-            max_new_tokens=ro.max_new_tokens,
-            max_prompt_tokens=ro.max_prompt_tokens,
-        )
         self.engine.module.eval()
         try:
-            return self.rollout.generate(samples, prompts, ro.group_size, settings, self.system_prompt)
+            return self.rollout.generate(
+                samples, prompts, ro.sampling(), self.system_prompt, max_prompt_tokens=ro.max_prompt_tokens
+            )
         finally:
             self.engine.module.train()
 
