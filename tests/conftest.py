@@ -28,6 +28,33 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
 
 
+# The sampling defaults Qwen2.5-VL's checkpoints ship (near-greedy: top_k 1, a tiny top_p, a penalty).
+QWEN_LIKE_SAMPLING = {
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_p": 0.001,
+    "top_k": 1,
+    "repetition_penalty": 1.05,
+}
+
+
+def qwen_like_copy(model_dir: Path, target: Path) -> Path:
+    """A copy of `model_dir` whose generation config carries Qwen2.5-VL's sampling defaults."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, target)
+    path = target / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **QWEN_LIKE_SAMPLING}, indent=2))
+    return target
+
+
+@pytest.fixture(scope="session")
+def qwen_like_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model's weights with Qwen2.5-VL's sampling defaults in its generation config."""
+    return qwen_like_copy(tiny_model_dir, tmp_path_factory.mktemp("models") / "tiny-qwen-like")
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     from observe_r1.synth import generate

@@ -141,3 +141,22 @@ def test_logits_from_the_cache_match_each_prompt_run_alone(engines):
     batched = logits(engine.prefix_cache.inputs(items))
     alone = torch.cat([logits(item) for item in items])
     assert (batched - alone).abs().max() < 1e-5  # a position off by the padding: ~1e-3
+
+
+def test_repetition_penalty_in_a_batch_matches_transformers_on_each_prompt_alone(engines):
+    """The engine's penalty (each row's own prompt and response tokens, inside a batch that starts from
+    the cached system turn) picks the tokens transformers' repetition-penalty processor picks for that
+    prompt alone, greedy."""
+    engine = engines[True]
+    ours = run_batch(engine, SamplingParams(temperature=0, repetition_penalty=1.8, max_tokens=12))
+    for (messages, images), request in zip(CONVERSATIONS, ours, strict=True):
+        inputs = engine._process(EngineRequest("x", engine.render_prompt(messages), images, SamplingParams()))
+        config = GenerationConfig(
+            max_new_tokens=12, do_sample=False, repetition_penalty=1.8, eos_token_id=sorted(engine.eos_ids),
+            pad_token_id=engine.pad_id,
+        )  # fmt: skip
+        with torch.inference_mode():
+            out = engine.model.generate(**inputs, generation_config=config)
+        alone = engine.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert request[0][1] == alone
+    assert ours != run_batch(engine, SamplingParams(temperature=0, max_tokens=12))  # the penalty mattered

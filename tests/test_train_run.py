@@ -78,14 +78,22 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def zero2_run(tiny_model_dir, synth_dir, tmp_path_factory):
-    """One ZeRO-2 run of 3 steps, saving every 2 steps and at the end, keeping the last 1."""
+def zero2_run(qwen_like_model_dir, synth_dir, tmp_path_factory):
+    """One ZeRO-2 run of 3 steps, saving every 2 steps and at the end, keeping the last 1, from a base
+    whose generation config carries Qwen's near-greedy defaults (which the rollout must not take)."""
     out = tmp_path_factory.mktemp("train") / "zero2"
-    proc = run(train_args(tiny_model_dir, synth_dir, out, "max_steps=3", "checkpoint.keep_last=1", *LEARNING))
+    args = [
+        "max_steps=3",
+        "checkpoint.keep_last=1",
+        "rollout.temperature=0.9",
+        "rollout.top_p=0.95",
+        *LEARNING,
+    ]
+    proc = run(train_args(qwen_like_model_dir, synth_dir, out, *args))
     return out, json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
-def test_run_writes_metrics_checkpoints_export_and_curves(zero2_run, tiny_model_dir):
+def test_run_writes_metrics_checkpoints_export_and_curves(zero2_run, qwen_like_model_dir):
     out, summary = zero2_run
     assert summary["step"] == summary["total_steps"] == 3
     rows = read_jsonl(out / "metrics.jsonl")
@@ -102,9 +110,19 @@ def test_run_writes_metrics_checkpoints_export_and_curves(zero2_run, tiny_model_
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     rollouts = read_jsonl(out / "rollouts.jsonl")
     assert [r["id"] for r in rollouts] == [f"synth-{i:06d}" for i in range(12)]  # ladder order
-    before, after = weights(tiny_model_dir), weights(out / "model")
+    before, after = weights(qwen_like_model_dir), weights(out / "model")
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "training changed no weight"
+    # The export states the rollout's sampling, not the base checkpoint's top_k=1 and penalty.
+    exported = json.loads((out / "model" / "generation_config.json").read_text())
+    sampling = {k: exported[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")}
+    assert sampling == {
+        "do_sample": True,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+    }
 
 
 def test_export_loads_and_serves(zero2_run, synth_dir, start_server):

@@ -18,9 +18,14 @@ from observe_r1.format import parse  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory):
+def tiny_qwen2_dir(tmp_path_factory):
+    return build_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "qwen2", seed=0)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_qwen2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
-    model = build_tiny_qwen2(root / "qwen2", seed=0)
+    model = tiny_qwen2_dir
     args = ["--engine", "vllm", "--max-prompt-tokens", "1024", "--max-completion-tokens", "256"]
     args += ["--max-batch-size", "2", "--max-waiting", "1"]
     s = Server(model, *args, log_dir=root).wait_ready(timeout=300)
@@ -115,3 +120,30 @@ def test_a_full_queue_answers_429_and_disconnects_abort(vllm_server):
         assert next(line for line in r.iter_lines() if line.startswith("data: "))
     assert wait_for_gauge(vllm_server, "observe_r1_num_requests_running", 0) == 0
     assert wait_for_gauge(vllm_server, "observe_r1_num_requests_waiting", 0) == 0
+
+
+@pytest.fixture(scope="module")
+def vllm_qwen_like_server(tiny_qwen2_dir, tmp_path_factory):
+    """The same tiny Qwen2 weights with Qwen2.5-VL's sampling defaults in their generation config."""
+    from conftest import qwen_like_copy
+
+    root = tmp_path_factory.mktemp("vllm-qwen-like")
+    model = qwen_like_copy(tiny_qwen2_dir, root / "qwen2")
+    args = ["--engine", "vllm", "--max-prompt-tokens", "1024", "--max-completion-tokens", "256"]
+    s = Server(model, *args, log_dir=root).wait_ready(timeout=300)
+    yield s
+    s.stop()
+
+
+def test_sampling_policy_on_the_vllm_engine(vllm_server, vllm_qwen_like_server):
+    """As on the transformers engine (tests/test_sampling_policy.py): explicit settings answer alike on
+    both checkpoints, and unset ones come from the checkpoint's generation config."""
+    from test_sampling_policy import EXPLICIT, QWEN_LIKE, answers
+
+    seeds = range(3)
+    explicit = [answers(vllm_qwen_like_server, seed, **EXPLICIT) for seed in seeds]
+    assert explicit == [answers(vllm_server, seed, **EXPLICIT) for seed in seeds]
+    assert len(set(explicit)) > 1
+    unset = [answers(vllm_qwen_like_server, seed) for seed in seeds]
+    assert unset == [answers(vllm_server, seed, **QWEN_LIKE) for seed in seeds]
+    assert "top_k=1 (checkpoint)" in vllm_qwen_like_server.log()
