@@ -1,7 +1,7 @@
 """Running lmms-eval: its environment, the command for one task, and reading what it wrote.
 
 lmms-eval lives in its own virtual environment (.venv-eval, `make setup-eval`): its install pulls a
-torchvision that breaks transformers here and a math-verify that differs from ours (DESIGN.md). So it is
+torchvision that breaks transformers here and a math-verify that differs from ours (docs/architecture.md). So it is
 always a subprocess, one per task, which is also what makes a restarted run skip finished tasks.
 """
 

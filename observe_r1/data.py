@@ -1,7 +1,7 @@
 """The sample schema every stage reads, and a loader that validates it.
 
 A row is `{"id", "images", "question", "answer"}` plus the optional `choices`, `difficulty`,
-`complexity`, `level`, `hint` and `source` (DESIGN.md, "Sample row"). Image paths are relative to
+`complexity`, `level`, `hint` and `source` (docs/architecture.md, "Contracts"). Image paths are relative to
 the data file; http(s) URLs are kept as they are. Any bad row stops the load with a `DataError` that
 names the file, the line (JSONL) or row (Parquet) and the field; nothing is silently dropped.
 """

@@ -1,8 +1,8 @@
 """The Observe-R1 output format: `<observe>…</observe><think>…</think><answer>…</answer>`.
 
-This module is the single definition of the format (DESIGN.md): the system prompt that asks for it,
+This module is the single definition of the format (docs/architecture.md): the system prompt that asks for it,
 the parser that splits a response into observation, reasoning and answer, the format check used by
-the format reward (REFERENCE.md, "Output format"), and the incremental parser the server streams with.
+the format reward (docs/algorithms.md, "Output format"), and the incremental parser the server streams with.
 
 One state machine does all of it. `parse(text)` is `StreamParser` fed the whole text at once, so a
 stream split anywhere (even inside a tag) ends in exactly the result of `parse` on the joined text.

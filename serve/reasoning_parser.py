@@ -5,7 +5,7 @@ Lets a plain vLLM server split our models' answers the way our own server does:
     vllm serve MODEL --reasoning-parser-plugin serve/reasoning_parser.py --reasoning-parser observe_r1
 
 Plain vLLM has two fields per message, `reasoning` and `content`, where our server has three
-(DESIGN.md, "Chat completion message"). So here:
+(docs/architecture.md, "Contracts"). So here:
 - `content` is the answer (text inside `<answer>`, plus any text outside every block, as in
   `observe_r1.format`);
 - `reasoning` is the observation followed by the think block, separated by a blank line

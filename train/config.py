@@ -1,4 +1,4 @@
-"""The training config: every constant of REFERENCE.md is a named option, with the authors' value or ours.
+"""The training config: every constant of docs/algorithms.md is a named option, with the authors' value or ours.
 
 Load with `load_training_config(path, overrides)`; the trainer then calls `validate_paths(cfg)` before it
 loads anything and `grad_accumulation(cfg, world_size)` once it knows the world size. Numbers that
@@ -27,7 +27,7 @@ from observe_r1.sampling import SamplingParams
 from observe_r1_train import algorithms
 from observe_r1_train.rewards import BONUS_COEF, BONUS_MIN_LEN, BUILTINS, DEFAULT_COMPONENTS, REWARD_CLAMP
 
-# ours: REFERENCE.md only says the hint tells the model the problem is hard and to verify its steps.
+# ours: the paper only says the hint tells the model the problem is hard and to verify its steps.
 DIFFICULTY_HINT = (
     "This problem is difficult. Observe the image carefully, reason step by step, "
     "and verify each step before giving the final answer."

@@ -1,7 +1,7 @@
 """Rollout engines: sample a group of G responses per prompt for GRPO.
 
-The trainer talks to one small interface, `RolloutEngine` (DESIGN.md: engines sit behind one small
-interface each), and never learns which engine runs. `TransformersRollout` samples with the policy
+The trainer talks to one small interface, `RolloutEngine` (docs/architecture.md: engines sit behind
+one small interface each), and never learns which engine runs. `TransformersRollout` samples with the policy
 object itself (CPU, tests, small runs); a vLLM engine implements the same three methods for GPU
 scale-out, loading the trainer's new weights in `update_weights`, and builds its prompts with the
 same `process_prompt`, so the update sees identical inputs whichever engine sampled.

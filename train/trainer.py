@@ -1,6 +1,6 @@
 """The Observe-R1 GRPO loop on DeepSpeed: rollout -> rewards -> weighted advantages -> PPO-clip updates.
 
-One step (REFERENCE.md, "Training hyperparameters"): `rollout.prompts_per_step` prompts, split
+One step (docs/algorithms.md, "Training hyperparameters"): `rollout.prompts_per_step` prompts, split
 evenly over the ranks, each answered `group_size` times by the current policy; rewards and
 group advantages are computed per rank (a group never spans ranks); then `algorithm.ppo_epochs`
 passes of optimizer updates of `optim.train_batch` responses (all ranks), each made of
