@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import pytest
 
@@ -10,9 +10,13 @@ from observe_r1.config import ConfigError, config_to_dict, load_config, save_con
 from observe_r1_train import algorithms, rewards
 from observe_r1_train.config import (
     KL_DEFAULTS,
+    AggMode,
+    CombineMode,
     DataConfig,
     HintsConfig,
+    KLKind,
     ModelConfig,
+    PriorKind,
     TrainConfig,
     grad_accumulation,
     load_training_config,
@@ -277,3 +281,13 @@ def test_generic_loader_without_a_file(tmp_path):
     assert load_config(_Outer, tmp_path / "o.yaml") == cfg
     with pytest.raises(ConfigError, match=r"items\[0\].mode: must be one of a, b"):
         load_config(_Outer, None, ["name=x", "items=[{mode: c}]"])
+
+
+def test_named_choices_are_the_registry_keys():
+    for choice, registry in [
+        (PriorKind, algorithms.DIFFICULTY_WEIGHTS),
+        (CombineMode, algorithms.WEIGHT_COMBINATIONS),
+        (AggMode, algorithms.AGGREGATIONS),
+        (KLKind, algorithms.KL_ESTIMATORS),
+    ]:
+        assert get_args(choice) == tuple(registry)

@@ -38,11 +38,12 @@ KL_DEFAULTS = {
 }
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
-# Choices come from the modules that implement them, so a new mode is one edit away from the config.
+# Choices are the keys of the registries that implement them, so a new mode is one edit away from the
+# config, and an unknown name is refused at load time with the list of known ones.
 PriorKind = Literal[tuple(algorithms.DIFFICULTY_WEIGHTS)]
-CombineMode = Literal[algorithms.COMBINE_MODES]
-AggMode = Literal[algorithms.AGG_MODES]
-KLKind = Literal[algorithms.KL_KINDS]
+CombineMode = Literal[tuple(algorithms.WEIGHT_COMBINATIONS)]
+AggMode = Literal[tuple(algorithms.AGGREGATIONS)]
+KLKind = Literal[tuple(algorithms.KL_ESTIMATORS)]
 
 
 @dataclass
