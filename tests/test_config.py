@@ -182,6 +182,13 @@ def test_bad_choice(tmp_path):
     )
 
 
+def test_rollout_engine_offers_only_what_runs(tmp_path):
+    assert "rollout.engine: must be one of auto, transformers (got str 'vllm')" in error(
+        tmp_path, overrides=("rollout.engine=vllm",)
+    )
+    assert "rollout.vllm_sleep: unknown key" in error(tmp_path, overrides=("rollout.vllm_sleep=true",))
+
+
 def test_missing_required(tmp_path):
     assert error(tmp_path, "data: {paths: [d.jsonl]}\n").endswith("model.path: missing required value")
     assert error(tmp_path, "model: {path: m}\n").endswith("data.paths: missing required value")

@@ -82,16 +82,14 @@ class HintsConfig:
 
 @dataclass
 class RolloutConfig:
-    # auto: transformers today; vLLM with a GPU once its rollout engine lands (scale-out issue)
-    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    # auto: transformers, the one rollout engine so far; vLLM and its options come with issue 16 (scale-out)
+    engine: Literal["auto", "transformers"] = "auto"
     group_size: int = 8
     prompts_per_step: int = 128  # all ranks together
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8192
     max_prompt_tokens: int = 9216
-    vllm_gpu_memory_utilization: float = 0.5  # ours; vLLM shares the GPUs with training (colocated)
-    vllm_sleep: bool = True  # authors: vLLM sleeps (frees its memory) while the actor trains
 
 
 @dataclass

@@ -18,7 +18,6 @@ import time
 
 import torch
 
-from observe_r1.config import ConfigError
 from observe_r1.data import Sample
 from observe_r1_train import algorithms
 from observe_r1_train.config import TrainConfig
@@ -35,10 +34,6 @@ class GRPOTrainer(Runner):
     postfix_keys = ("reward/total", "accuracy", "format_rate")
 
     def __init__(self, cfg: TrainConfig, progress: bool = True):
-        if cfg.rollout.engine == "vllm":
-            raise ConfigError(
-                "rollout.engine: the vLLM rollout engine is not available yet; use transformers"
-            )
         super().__init__(cfg, progress)
         alg = cfg.algorithm
         self.ref = None
