@@ -1,5 +1,5 @@
-"""What produces the numbers: a server process on a free port, closed-loop streaming clients against
-it, and in-process `generate` (the ceiling a server can approach)."""
+"""What produces the numbers: a setup (a server and its workload), a server process on a free port,
+closed-loop streaming clients against it, and in-process `generate` (the ceiling a server can approach)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -115,6 +115,32 @@ def merge_in_process(rounds: list[dict]) -> dict:
                 "prefill_s": statistics.median(row["prefill_s"] for row in rows),
             }
     return merged
+
+
+@dataclass
+class Setup:
+    """A server under test: how to start it and what to send it; `levels` and `error` collect what it
+    measured (one entry per concurrency level, in `summarize`'s form)."""
+
+    key: str
+    label: str
+    command: Callable[[int], list[str]]  # the server's command line for a port
+    ready_path: str
+    model: str  # the `model` field requests carry
+    requests: dict[int, int]
+    warmup_burst: int  # concurrent warm-up requests, so the first measured batch is not the first of its size
+    sample_running: bool = False
+    levels: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    def report(self) -> dict:
+        return {
+            "key": self.key,
+            "label": self.label,
+            "requests": self.requests,
+            "levels": self.levels,
+            "error": self.error,
+        }
 
 
 def free_port() -> int:

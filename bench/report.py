@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from drivers import Setup
 from workload import CONCURRENCY
-
-if TYPE_CHECKING:
-    from serve_bench import Setup
-
 
 IN_PROCESS_MODES = {"plain": "plain", "prefix_cache": "prefix cache"}
 

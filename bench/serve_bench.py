@@ -17,8 +17,9 @@ completion tokens counted are those each server reports in `usage`. The script b
 image, starts and stops the servers on free loopback ports, and writes `results.json`, `results.md`
 and `throughput.png` into the output folder, each atomically.
 
-This file runs the setups; `workload.py` defines the requests, `drivers.py` starts servers and drives
-them (and times in-process `generate`), `report.py` writes the tables and the plot.
+This file runs the setups; `workload.py` defines the requests, `drivers.py` defines a setup (`Setup`),
+starts servers and drives them (and times in-process `generate`), `report.py` writes the tables and the
+plot.
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from drivers import (
     REPO,
     LevelRun,
     ServerStartError,
+    Setup,
     free_port,
     in_process,
     log,
@@ -91,29 +91,6 @@ def build_peer_model(model_dir: Path, dest: Path) -> Path:
         config["auto_map"] = {"AutoProcessor": f"{PEER_PROCESSOR_MODULE}.Qwen2_5_VLImageOnlyProcessor"}
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     return dest
-
-
-@dataclass
-class Setup:
-    key: str
-    label: str
-    command: Callable[[int], list[str]]  # the server's command line for a port
-    ready_path: str
-    model: str  # the `model` field requests carry
-    requests: dict[int, int]
-    warmup_burst: int  # concurrent warm-up requests, so the first measured batch is not the first of its size
-    sample_running: bool = False
-    levels: list[dict] = field(default_factory=list)
-    error: str | None = None
-
-    def report(self) -> dict:
-        return {
-            "key": self.key,
-            "label": self.label,
-            "requests": self.requests,
-            "levels": self.levels,
-            "error": self.error,
-        }
 
 
 def our_server(max_batch_size: int, key: str, label: str, model_dir: Path, requests: dict[int, int]) -> Setup:

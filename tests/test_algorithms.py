@@ -175,7 +175,7 @@ def test_dr_grpo_normaliser_is_constant_not_the_padded_length():
     # two more padding columns change nothing: the divisor is max_len, not T or the token count
     padded_loss = torch.cat([LOSS, torch.full((2, 2), 7.0)], dim=1)
     padded_mask = torch.cat([MASK, torch.zeros(2, 2, dtype=MASK.dtype)], dim=1)
-    for mode in alg.AGG_MODES:
+    for mode in alg.AGGREGATIONS:
         close(
             alg.aggregate(padded_loss, padded_mask, mode, max_len=4),
             alg.aggregate(LOSS, MASK, mode, max_len=4),
@@ -280,7 +280,7 @@ def test_kl_estimators_on_a_known_pair():
     close(alg.kl_penalty(lp, ref, "k1"), [LN2, -LN2])
     close(alg.kl_penalty(lp, ref, "k2"), [0.5 * LN2**2, 0.5 * LN2**2])
     close(alg.kl_penalty(lp, ref, "k3"), [LN2 - 0.5, 1.0 - LN2])
-    for kind in alg.KL_KINDS:
+    for kind in alg.KL_ESTIMATORS:
         close(alg.kl_penalty(lp, lp, kind), [0.0, 0.0])  # zero at equality
     with pytest.raises(ValueError):
         alg.kl_penalty(lp, ref, "k4")
@@ -481,3 +481,17 @@ def test_policy_and_kl_loss_match_trl_grpo_trainer(loss_type, agg, beta):
     close(our_grad, trl_grad, tol=1e-6)
     assert stats["clip_ratio"] > 0
     close(stats["clip_ratio"], stub._metrics["eval"]["clip_ratio/region_mean"][0])
+
+
+@pytest.mark.parametrize(
+    ("call", "known"),
+    [
+        (lambda: alg.combine_weights(T([1.0]), T([1.0]), "add"), alg.WEIGHT_COMBINATIONS),
+        (lambda: alg.aggregate(LOSS, MASK, "sum"), alg.AGGREGATIONS),
+        (lambda: alg.kl_penalty(T([0.0]), T([0.0]), "k4"), alg.KL_ESTIMATORS),
+    ],
+)
+def test_unknown_names_list_the_registry(call, known):
+    with pytest.raises(ValueError, match="expected one of") as e:
+        call()
+    assert all(name in str(e.value) for name in known)

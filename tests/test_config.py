@@ -1,18 +1,23 @@
 """Configs: the generic loader (observe_r1/config.py), the training schema and the shipped YAML files."""
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import pytest
 
 from observe_r1.config import ConfigError, config_to_dict, load_config, save_config
-from observe_r1_train import algorithms, rewards
+from observe_r1_train import algorithms, cli, rewards
 from observe_r1_train.config import (
     KL_DEFAULTS,
+    AggMode,
+    CombineMode,
     DataConfig,
     HintsConfig,
+    KLKind,
     ModelConfig,
+    PriorKind,
     TrainConfig,
     grad_accumulation,
     load_training_config,
@@ -177,6 +182,13 @@ def test_bad_choice(tmp_path):
     )
 
 
+def test_rollout_engine_offers_only_what_runs(tmp_path):
+    assert "rollout.engine: must be one of auto, transformers (got str 'vllm')" in error(
+        tmp_path, overrides=("rollout.engine=vllm",)
+    )
+    assert "rollout.vllm_sleep: unknown key" in error(tmp_path, overrides=("rollout.vllm_sleep=true",))
+
+
 def test_missing_required(tmp_path):
     assert error(tmp_path, "data: {paths: [d.jsonl]}\n").endswith("model.path: missing required value")
     assert error(tmp_path, "model: {path: m}\n").endswith("data.paths: missing required value")
@@ -277,3 +289,38 @@ def test_generic_loader_without_a_file(tmp_path):
     assert load_config(_Outer, tmp_path / "o.yaml") == cfg
     with pytest.raises(ConfigError, match=r"items\[0\].mode: must be one of a, b"):
         load_config(_Outer, None, ["name=x", "items=[{mode: c}]"])
+
+
+def test_named_choices_are_the_registry_keys():
+    for choice, registry in [
+        (PriorKind, algorithms.DIFFICULTY_WEIGHTS),
+        (CombineMode, algorithms.WEIGHT_COMBINATIONS),
+        (AggMode, algorithms.AGGREGATIONS),
+        (KLKind, algorithms.KL_ESTIMATORS),
+    ]:
+        assert get_args(choice) == tuple(registry)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.micro_batch=3", "optim.micro_batch: must divide optim.train_batch"),
+        ("optim.lr=0", "optim.lr: must be > 0"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last: must be >= 1"),
+        ("max_steps=0", "max_steps: must be >= 1"),
+        ("data.paths=[]", "data.paths: needs at least one data file"),
+    ],
+)
+def test_sft_config_makes_the_shared_checks(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_sft_config(write(tmp_path, MINIMAL), (override,))
+    assert str(e.value).startswith(str(tmp_path / "train.yaml")) and expected in str(e.value)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "sft"])
+def test_both_commands_check_paths_before_loading(stage, tmp_path):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--config", str(write(tmp_path, MINIMAL))])
+    with pytest.raises(ConfigError, match=r"data.paths\[0\]: no such file: d.jsonl"):
+        cli.run(args, stage)

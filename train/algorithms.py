@@ -11,6 +11,11 @@ to prompt 0, and so on); T = padded completion length; V = vocabulary size. A `m
 Pipeline order in the trainer: clamp_rewards -> kl_in_reward (optional) -> group_advantages
 -> apply_group_weights(combine_weights(observe_r1_weight, prior)) -> policy_loss (+ kl_loss).
 
+Every choice the config offers by name is a registry of pure functions keyed by that name
+(DIFFICULTY_WEIGHTS, WEIGHT_COMBINATIONS, AGGREGATIONS, KL_ESTIMATORS, as verl's core_algos
+registers its estimators): the config's choices are the registry's keys, so a new mode is one
+function and one entry.
+
 Sources: GRPO (DeepSeekMath, arXiv 2402.03300); Observe-R1 (arXiv 2505.12432) and its
 authors' OpenRLHF/LMM-R1 code; difficulty prior (arXiv 2505.13261); Dr.GRPO (arXiv
 2503.20783); DAPO clip-higher (arXiv 2503.14476); GRPO-LEAD (arXiv 2504.09696) for the
@@ -32,16 +37,20 @@ LOGISTIC_A, LOGISTIC_B, LOGISTIC_K, LOGISTIC_P0 = 0.4, 1.5, 10.0, 0.75  # GRPO-L
 LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to +-20 before exp() so exp never overflows
 ENTROPY_CHUNK = 1024  # rows of logits turned into float32 at once in token_entropy
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-COMBINE_MODES = ("multiply", "replace", "observe_only")
-KL_KINDS = ("k1", "k2", "k3")
-
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N,) -> (N / G, G); refuses an N that is not a multiple of G."""
     if group_size < 1 or x.dim() != 1 or x.numel() % group_size:
         raise ValueError(f"expected a 1-D tensor whose length is a multiple of group_size={group_size}")
     return x.view(-1, group_size)
+
+
+def _pick(registry: dict, name: str, what: str):
+    """registry[name], or a ValueError naming the known names."""
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {tuple(registry)}") from None
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -138,19 +147,35 @@ DIFFICULTY_WEIGHTS = {
 }
 
 
-def combine_weights(observe_w: torch.Tensor, prior_w: torch.Tensor, mode: str = "multiply") -> torch.Tensor:
-    """Combine the Observe-R1 weight with a difficulty-prior weight, per group.
+def multiply_weights(observe_w: torch.Tensor, prior_w: torch.Tensor) -> torch.Tensor:
+    """Mode "multiply": w = w_obs * w_prior (the Observe-R1 weight, arXiv 2505.12432, scaled by the
+    difficulty prior, arXiv 2505.13261); all-right and all-wrong groups keep weight 0."""
+    return observe_w.float() * prior_w.float()
 
-    "multiply": w = w_obs * w_prior; "replace": w = w_prior (all-right/all-wrong groups then
-    keep a non-zero weight, but their advantages are already 0); "observe_only": w = w_obs.
-    """
-    if mode == "multiply":
-        return observe_w.float() * prior_w.float()
-    if mode == "replace":
-        return prior_w.float()
-    if mode == "observe_only":
-        return observe_w.float()
-    raise ValueError(f"unknown combine mode {mode!r}; expected one of {COMBINE_MODES}")
+
+def prior_weight_only(observe_w: torch.Tensor, prior_w: torch.Tensor) -> torch.Tensor:
+    """Mode "replace": w = w_prior. All-right/all-wrong groups then keep a non-zero weight, but their
+    advantages are already 0."""
+    return prior_w.float()
+
+
+def observe_weight_only(observe_w: torch.Tensor, prior_w: torch.Tensor) -> torch.Tensor:
+    """Mode "observe_only": w = w_obs, the prior ignored."""
+    return observe_w.float()
+
+
+# name -> f(observe_w, prior_w) -> per-group weight
+WEIGHT_COMBINATIONS = {
+    "multiply": multiply_weights,
+    "replace": prior_weight_only,
+    "observe_only": observe_weight_only,
+}
+
+
+def combine_weights(observe_w: torch.Tensor, prior_w: torch.Tensor, mode: str = "multiply") -> torch.Tensor:
+    """Combine the Observe-R1 weight with a difficulty-prior weight, per group, by
+    `WEIGHT_COMBINATIONS[mode]`."""
+    return _pick(WEIGHT_COMBINATIONS, mode, "combine mode")(observe_w, prior_w)
 
 
 def apply_group_weights(advantages: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -161,27 +186,49 @@ def apply_group_weights(advantages: torch.Tensor, weights: torch.Tensor, group_s
     return advantages.float() * per_response.view(-1, *([1] * (advantages.dim() - 1)))
 
 
+def token_mean(loss_mat: torch.Tensor, mask: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """Mode "token-mean" (the Observe-R1 authors, DAPO arXiv 2503.14476, TRL "bnpo"):
+    sum_it m_it L_it / sum_it m_it. `max_len` is not used."""
+    return masked_mean(loss_mat, mask)
+
+
+def seq_mean_token_mean(
+    loss_mat: torch.Tensor, mask: torch.Tensor, max_len: int | None = None
+) -> torch.Tensor:
+    """Mode "seq-mean-token-mean" (original GRPO, arXiv 2402.03300; TRL "grpo"):
+    (1/N) sum_i [sum_t m_it L_it / |o_i|]. Every row counts in the 1/N, an all-padding row
+    contributes 0. `max_len` is not used."""
+    return masked_mean(loss_mat, mask, dim=-1).mean()
+
+
+def seq_mean_token_sum_norm(
+    loss_mat: torch.Tensor, mask: torch.Tensor, max_len: int | None = None
+) -> torch.Tensor:
+    """Mode "seq-mean-token-sum-norm" (Dr.GRPO, arXiv 2503.20783): (1/N) sum_i [sum_t m_it L_it / max_len].
+
+    max_len is a constant (the generation budget), as in the Dr.GRPO authors' oat code and TRL
+    "dr_grpo". verl's mode of the same name omits the 1/N (its loss grows with N).
+    """
+    if not max_len:
+        raise ValueError("seq-mean-token-sum-norm needs the constant max_len (generation budget)")
+    return (masked_sum(loss_mat, mask, dim=-1) / max_len).mean()
+
+
+# name -> f(loss_mat, mask, max_len) -> scalar loss; one signature, so `aggregate` need not
+# know which modes use the generation budget
+AGGREGATIONS = {
+    "token-mean": token_mean,
+    "seq-mean-token-mean": seq_mean_token_mean,
+    "seq-mean-token-sum-norm": seq_mean_token_sum_norm,
+}
+
+
 def aggregate(
     loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", max_len: int | None = None
 ) -> torch.Tensor:
-    """Reduce a per-token loss (N, T) to a scalar; L_it = loss_mat, m_it = mask, |o_i| = sum_t m_it.
-
-    "token-mean" (authors, DAPO, TRL "bnpo"): sum_it m_it L_it / sum_it m_it.
-    "seq-mean-token-mean" (original GRPO, TRL "grpo"): (1/N) sum_i [sum_t m_it L_it / |o_i|];
-        every row counts in the 1/N, an all-padding row contributes 0.
-    "seq-mean-token-sum-norm" (Dr.GRPO): (1/N) sum_i [sum_t m_it L_it / max_len], max_len a
-        constant (the generation budget), as in the Dr.GRPO authors' oat code and TRL
-        "dr_grpo". Note verl's mode of the same name omits the 1/N (its loss grows with N).
-    """
-    if mode == "token-mean":
-        return masked_mean(loss_mat, mask)
-    if mode == "seq-mean-token-mean":
-        return masked_mean(loss_mat, mask, dim=-1).mean()
-    if mode == "seq-mean-token-sum-norm":
-        if not max_len:
-            raise ValueError("seq-mean-token-sum-norm needs the constant max_len (generation budget)")
-        return (masked_sum(loss_mat, mask, dim=-1) / max_len).mean()
-    raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGG_MODES}")
+    """Reduce a per-token loss (N, T) to a scalar by `AGGREGATIONS[mode]`; L_it = loss_mat,
+    m_it = mask, |o_i| = sum_t m_it."""
+    return _pick(AGGREGATIONS, mode, "aggregation")(loss_mat, mask, max_len)
 
 
 def policy_loss(
@@ -227,22 +274,35 @@ def policy_loss(
     return loss, stats
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's estimators); (N, T).
+def kl_k1(x: torch.Tensor) -> torch.Tensor:
+    """k1 = x (unbiased, can be negative; the Observe-R1 authors' reward KL)."""
+    return x
 
-    With x = logp - ref_logp: k1 = x (unbiased, can be negative; the authors' reward KL);
-    k2 = x^2 / 2; k3 = exp(-x) - (-x) - 1 = expm1(-x) + x (unbiased, always >= 0, 0 at x = 0;
-    the usual GRPO loss KL). x is clamped to +-LOG_RATIO_LIMIT for k3.
+
+def kl_k2(x: torch.Tensor) -> torch.Tensor:
+    """k2 = x^2 / 2 (biased, always >= 0, low variance)."""
+    return 0.5 * x.square()
+
+
+def kl_k3(x: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(-x) - (-x) - 1 = expm1(-x) + x (unbiased, always >= 0, 0 at x = 0; the usual GRPO
+    loss KL). x is clamped to +-LOG_RATIO_LIMIT so exp never overflows."""
+    x = x.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    return torch.expm1(-x) + x
+
+
+# name -> f(x) with x = logp - ref_logp (float32, any shape) -> per-token KL estimate
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi; (N, T).
+
+    Schulman's estimators ("Approximating KL divergence"), `KL_ESTIMATORS[kind]` of the
+    log-ratio x = logp - ref_logp.
     """
-    x = logprobs.float() - ref_logprobs.float()
-    if kind == "k1":
-        return x
-    if kind == "k2":
-        return 0.5 * x.square()
-    if kind == "k3":
-        x = x.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-        return torch.expm1(-x) + x
-    raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_KINDS}")
+    estimator = _pick(KL_ESTIMATORS, kind, "KL estimator")
+    return estimator(logprobs.float() - ref_logprobs.float())
 
 
 def kl_loss(

@@ -1,8 +1,11 @@
 """The training config: every constant of docs/algorithms.md is a named option, with the authors' value or ours.
 
-Load with `load_training_config(path, overrides)`; the trainer then calls `validate_paths(cfg)` before it
-loads anything and `grad_accumulation(cfg, world_size)` once it knows the world size. Numbers that
-the pure modules already define (train/algorithms.py, train/rewards.py) are imported, never restated.
+Load with `load_training_config(path, overrides)` (GRPO) or `sft.load_sft_config` (the warm start);
+both configs are a `RunConfig`, which holds the sections and checks they share. `observe-r1 train`
+and `sft` (train/cli.py) call `validate_paths(cfg)`, before any model loads and before relaunching
+under torchrun; the run calls `grad_accumulation(cfg, world_size)` once it knows the world size.
+Numbers that the pure modules already define (train/algorithms.py, train/rewards.py) are imported,
+never restated.
 
 Units, as in the authors' OpenRLHF script:
 - a *step* is one rollout: `rollout.prompts_per_step` prompts (all ranks together) x `group_size`
@@ -39,11 +42,12 @@ KL_DEFAULTS = {
 }
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
-# Choices come from the modules that implement them, so a new mode is one edit away from the config.
+# Choices are the keys of the registries that implement them, so a new mode is one edit away from the
+# config, and an unknown name is refused at load time with the list of known ones.
 PriorKind = Literal[tuple(algorithms.DIFFICULTY_WEIGHTS)]
-CombineMode = Literal[algorithms.COMBINE_MODES]
-AggMode = Literal[algorithms.AGG_MODES]
-KLKind = Literal[algorithms.KL_KINDS]
+CombineMode = Literal[tuple(algorithms.WEIGHT_COMBINATIONS)]
+AggMode = Literal[tuple(algorithms.AGGREGATIONS)]
+KLKind = Literal[tuple(algorithms.KL_ESTIMATORS)]
 
 
 @dataclass
@@ -79,8 +83,8 @@ class HintsConfig:
 
 @dataclass
 class RolloutConfig:
-    # auto: transformers today; vLLM with a GPU once its rollout engine lands (scale-out issue)
-    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    # auto: transformers, the one rollout engine so far; vLLM and its options come with issue 16 (scale-out)
+    engine: Literal["auto", "transformers"] = "auto"
     group_size: int = 8
     prompts_per_step: int = 128  # all ranks together
     # Rollouts sample with exactly these, whatever the checkpoint's generation config says; the export
@@ -91,8 +95,6 @@ class RolloutConfig:
     repetition_penalty: float = 1.0  # 1: none
     max_new_tokens: int = 8192
     max_prompt_tokens: int = 9216
-    vllm_gpu_memory_utilization: float = 0.5  # ours; vLLM shares the GPUs with training (colocated)
-    vllm_sleep: bool = True  # authors: vLLM sleeps (frees its memory) while the actor trains
 
     def sampling(self, seed: int | None = None) -> SamplingParams:
         """How a rollout samples: a group of `group_size` responses to each prompt."""
@@ -205,13 +207,11 @@ class LoggingConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """What GRPO and the SFT warm start share: the run loop's sections (train/runner.py) and their checks."""
+
     model: ModelConfig
     data: DataConfig
-    hints: HintsConfig = field(default_factory=HintsConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -221,41 +221,58 @@ class TrainConfig:
 
     def __post_init__(self):
         """Cross-field checks, so a bad combination fails at load time and not after the model loads."""
-        ro, alg, opt, ck = self.rollout, self.algorithm, self.optim, self.checkpoint
-        _check(ro.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare responses)")
+        opt, ck = self.optim, self.checkpoint
         for key, value, low in [
-            ("rollout.prompts_per_step", ro.prompts_per_step, 1),
-            ("rollout.max_new_tokens", ro.max_new_tokens, 1),
-            ("rollout.max_prompt_tokens", ro.max_prompt_tokens, 1),
             ("optim.train_batch", opt.train_batch, 1),
             ("optim.micro_batch", opt.micro_batch, 1),
             ("optim.epochs", opt.epochs, 1),
-            ("algorithm.ppo_epochs", alg.ppo_epochs, 1),
-            ("reward.bonus_min_len", self.reward.bonus_min_len, 0),
             ("checkpoint.save_every", ck.save_every, 0),  # 0: only at the end
             ("checkpoint.keep_last", ck.keep_last, 1),
             ("logging.log_every", self.logging.log_every, 1),
             ("data.max_samples", self.data.max_samples, 1),  # null: every row
             ("max_steps", self.max_steps, 1),  # null: optim.epochs over the data
         ]:
-            _check(value is None or value >= low, key, f"must be >= {low} (got {value})")
-        responses = ro.prompts_per_step * ro.group_size
-        per_step = f"the {responses} responses of a step (rollout.prompts_per_step x rollout.group_size)"
-        _check(responses % opt.train_batch == 0, "optim.train_batch", f"must divide {per_step}")
+            _check_at_least(key, value, low)
         _check(opt.train_batch % opt.micro_batch == 0, "optim.micro_batch", "must divide optim.train_batch")
-        for key, value in [("algorithm.clip_low", alg.clip_low), ("algorithm.clip_high", alg.clip_high)]:
-            _check(0 < value < 1, key, f"must lie in (0, 1), got {value}")
         _check(opt.lr > 0, "optim.lr", f"must be > 0, got {opt.lr}")
         _check(0 <= opt.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
         _check(0 <= opt.warmup_ratio < 1, "optim.warmup_ratio", "must lie in [0, 1)")
         _check(all(0 <= b < 1 for b in opt.betas), "optim.betas", "each must lie in [0, 1)")
+        _check(bool(self.data.paths), "data.paths", "needs at least one data file")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """GRPO: the shared run plus rollout, rewards and the algorithm."""
+
+    hints: HintsConfig = field(default_factory=HintsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        ro, alg, opt = self.rollout, self.algorithm, self.optim
+        _check(ro.group_size >= 2, "rollout.group_size", "must be >= 2 (advantages compare responses)")
+        for key, value, low in [
+            ("rollout.prompts_per_step", ro.prompts_per_step, 1),
+            ("rollout.max_new_tokens", ro.max_new_tokens, 1),
+            ("rollout.max_prompt_tokens", ro.max_prompt_tokens, 1),
+            ("algorithm.ppo_epochs", alg.ppo_epochs, 1),
+            ("reward.bonus_min_len", self.reward.bonus_min_len, 0),
+        ]:
+            _check_at_least(key, value, low)
+        responses = ro.prompts_per_step * ro.group_size
+        per_step = f"the {responses} responses of a step (rollout.prompts_per_step x rollout.group_size)"
+        _check(responses % opt.train_batch == 0, "optim.train_batch", f"must divide {per_step}")
+        for key, value in [("algorithm.clip_low", alg.clip_low), ("algorithm.clip_high", alg.clip_high)]:
+            _check(0 < value < 1, key, f"must lie in (0, 1), got {value}")
         _check(ro.temperature > 0, "rollout.temperature", "must be > 0")
         _check(0 < ro.top_p <= 1, "rollout.top_p", "must lie in (0, 1]")
         _check(ro.top_k >= 0, "rollout.top_k", "must be >= 0 (0: no cut)")
         _check(ro.repetition_penalty > 0, "rollout.repetition_penalty", "must be > 0 (1: none)")
         _check(0 <= self.hints.difficulty_threshold <= 1, "hints.difficulty_threshold", "must lie in [0, 1]")
         _check(alg.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
-        _check(bool(self.data.paths), "data.paths", "needs at least one data file")
         _check(bool(self.reward.components), "reward.components", "needs at least one reward")
         for spec in self.reward.components:
             _check(
@@ -270,11 +287,16 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_at_least(key: str, value: int | None, low: int) -> None:
+    """`value` >= `low`, where None (the field's "unset") always passes."""
+    _check(value is None or value >= low, key, f"must be >= {low} (got {value})")
+
+
 def load_training_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     return load_config(TrainConfig, path, overrides)
 
 
-def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
+def grad_accumulation(cfg: RunConfig, world_size: int) -> int:
     """Micro-batches accumulated per optimizer update: train_batch / (micro_batch x world_size)."""
     per_pass = cfg.optim.micro_batch * world_size
     if cfg.optim.train_batch % per_pass:
@@ -298,7 +320,7 @@ def _model_problem(key: str, path: str) -> str | None:
     return None
 
 
-def validate_paths(cfg: TrainConfig) -> None:
+def validate_paths(cfg: RunConfig) -> None:
     """Check that every input the config names exists, before the trainer loads anything.
 
     Kept out of loading so a config can be parsed, saved and tested where the files are not.

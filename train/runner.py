@@ -25,7 +25,7 @@ from observe_r1.format import SYSTEM_PROMPT
 from observe_r1.modeling import load_model, load_processor
 from observe_r1.sampling import SamplingParams
 from observe_r1_train import checkpoint
-from observe_r1_train.config import grad_accumulation
+from observe_r1_train.config import RunConfig, grad_accumulation
 from observe_r1_train.engine import (
     deepspeed_config,
     device_for_rank,
@@ -72,11 +72,8 @@ class StepResult:
 
 
 class Runner(abc.ABC):
-    """Builds the DeepSpeed engine from a validated config, resumes, and runs `train()`.
-
-    The config needs the sections model, data, optim, deepspeed, checkpoint, logging and the
-    fields seed and max_steps (TrainConfig and SFTConfig both have them).
-    """
+    """Builds the DeepSpeed engine from a validated config (TrainConfig or SFTConfig, both a
+    RunConfig), resumes, and runs `train()`."""
 
     name = "run"
     postfix_keys: tuple[str, ...] = ()
@@ -98,7 +95,7 @@ class Runner(abc.ABC):
         (neutral sampling unless the run sampled otherwise)."""
         return SamplingParams()
 
-    def __init__(self, cfg, progress: bool = True):
+    def __init__(self, cfg: RunConfig, progress: bool = True):
         self.cfg = cfg
         self.progress = progress
         self.rank, self.world = init_distributed()

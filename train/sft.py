@@ -14,22 +14,16 @@ are encoded the same way in both stages.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from observe_r1.config import ConfigError, load_config
+from observe_r1.config import load_config
 from observe_r1.data import Sample
 from observe_r1.format import format_response
 from observe_r1.sampling import END_OF_TURN
 from observe_r1_train import algorithms
-from observe_r1_train.config import (
-    CheckpointConfig,
-    DataConfig,
-    DeepSpeedConfig,
-    LoggingConfig,
-    ModelConfig,
-    OptimConfig,
-)
+from observe_r1_train.config import RunConfig
 from observe_r1_train.rollout import RolloutBatch, process_prompt
 from observe_r1_train.runner import Runner, StepResult
 
@@ -50,28 +44,13 @@ class TargetConfig:
 
 
 @dataclass
-class SFTConfig:
-    model: ModelConfig
-    data: DataConfig
+class SFTConfig(RunConfig):
+    """The warm start: the shared run (set optim's lr and batch for SFT in the YAML) plus the targets."""
+
     target: TargetConfig = field(default_factory=TargetConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)  # set lr and batch for SFT in the YAML
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    seed: int = 42
-    max_steps: int | None = None  # None: optim.epochs passes over the data
-
-    def __post_init__(self):
-        opt = self.optim
-        if opt.train_batch < 1 or opt.micro_batch < 1 or opt.train_batch % opt.micro_batch:
-            raise ConfigError("optim.micro_batch: must be >= 1 and divide optim.train_batch")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps: must be >= 1 (got {self.max_steps})")
-        if not self.data.paths:
-            raise ConfigError("data.paths: needs at least one data file")
 
 
-def load_sft_config(path, overrides=()) -> SFTConfig:
+def load_sft_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SFTConfig:
     return load_config(SFTConfig, path, overrides)
 
 

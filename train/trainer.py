@@ -18,11 +18,10 @@ import time
 
 import torch
 
-from observe_r1.config import ConfigError
 from observe_r1.data import Sample
 from observe_r1.sampling import SamplingParams
 from observe_r1_train import algorithms
-from observe_r1_train.config import TrainConfig, validate_paths
+from observe_r1_train.config import TrainConfig
 from observe_r1_train.prompts import hint_for, prompt_text
 from observe_r1_train.rewards import compute_rewards
 from observe_r1_train.rollout import RolloutBatch, TransformersRollout
@@ -36,11 +35,6 @@ class GRPOTrainer(Runner):
     postfix_keys = ("reward/total", "accuracy", "format_rate")
 
     def __init__(self, cfg: TrainConfig, progress: bool = True):
-        validate_paths(cfg)
-        if cfg.rollout.engine == "vllm":
-            raise ConfigError(
-                "rollout.engine: the vLLM rollout engine is not available yet; use transformers"
-            )
         super().__init__(cfg, progress)
         alg = cfg.algorithm
         self.ref = None
