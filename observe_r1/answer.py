@@ -2,8 +2,10 @@
 
 Part of the format contract: the training reward, the local eval tasks and the ladder's difficulty
 estimate all score with `accuracy`, so a number means the same in each. The answer text is
-`format.parse(completion).answer`: the `<answer>` block, or, in a response without one, the text outside
-every block (which also covers the authors' fallback of the text after the last `<answer>`).
+`format.parse(completion).graded_answer`: the first `<answer>` block's own text (an unclosed block runs
+to the end, which covers the authors' fallback of the text after the last `<answer>`), or, in a response
+without any `<answer>` block, the text outside every block. Text beside an `<answer>` block never
+counts, so a second guess after the block cannot win.
 
 Cost: math-verify (sympy) takes about 10 ms per check once warm (the first call in a process, ~150 ms);
 a thread pool does not help under the GIL.
@@ -125,7 +127,7 @@ def accuracy(completion: str, sample: Sample) -> float:
     so a model that has not learned the tags still gets an accuracy signal; the format reward
     separates the two.
     """
-    pred, gold = parse(completion).answer, sample.answer.strip()
+    pred, gold = parse(completion).graded_answer, sample.answer.strip()
     if not pred:
         return 0.0
     if sample.choices or re.fullmatch(r"[A-Z]", gold):

@@ -55,6 +55,10 @@ class ParseResult:
     answer: str
     format_ok: bool
     errors: tuple[str, ...] = ()
+    # What an answer check reads: the first <answer> block's own text (an unclosed one runs to the end),
+    # or `answer` when the response has no <answer> block. Never text outside the block beside one, so
+    # "<answer>3</answer> 4" is graded as 3 and "<answer></answer>4" as empty.
+    graded_answer: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ class StreamParser:
     _parts: dict[str, list[str]] = field(default_factory=lambda: {f: [] for f in FIELDS})
     _outside_text: bool = False
     _stray: list[str] = field(default_factory=list)
+    _answer_blocks: list[list[str]] = field(default_factory=list)  # the text of each <answer> block
 
     def feed(self, chunk: str) -> list[Delta]:
         if self.result is not None:
@@ -139,9 +144,9 @@ class StreamParser:
         self._route(self._buffer, out)
         self._buffer = ""
         ok, errors = self._verdict()
-        self.result = ParseResult(
-            *("".join(self._parts[f]) for f in FIELDS), format_ok=ok, errors=tuple(errors)
-        )
+        parts = ["".join(self._parts[f]) for f in FIELDS]
+        graded = "".join(self._answer_blocks[0]).strip() if self._answer_blocks else parts[-1]
+        self.result = ParseResult(*parts, format_ok=ok, errors=tuple(errors), graded_answer=graded)
         return _merge(out)
 
     def _destination(self) -> str:
@@ -172,12 +177,16 @@ class StreamParser:
 
     def _emit(self, dest: str, text: str, out: list[Delta]) -> None:
         self._parts[dest].append(text)
+        if self._stack and self._stack[-1].tag == "answer":
+            self._answer_blocks[-1].append(text)
         out.append(Delta(dest, text))
 
     def _on_tag(self, tag: str) -> None:
         self._tags.append(tag)
         self._segment = _Segment()
         if tag in OPEN_TAGS:
+            if tag == "<answer>":
+                self._answer_blocks.append([])
             block = _Block(OPEN_TAGS[tag])
             self._stack.append(block)
             self._blocks.append(block)

@@ -237,3 +237,20 @@ def test_well_formed_parts_come_back_stripped(o, t, a):
     if o.strip() and t.strip() and a.strip() and not any(tag in o + t + a for tag in ALL_TAGS):
         assert r.format_ok
         assert (r.observation, r.reasoning, r.answer) == (o.strip(), t.strip(), a.strip())
+
+
+@pytest.mark.parametrize(
+    "text, graded",
+    [
+        ("<observe>o</observe><think>t</think><answer> 42 </answer>", "42"),
+        ("<answer>3</answer> 4", "3"),  # text beside the block is kept in `answer`, never graded
+        ("<answer></answer>4", ""),
+        ("<answer>1</answer><answer>2</answer>", "1"),  # the first block
+        ("<think>so</think><answer>5", "5"),  # unclosed: runs to the end
+        ("the answer is 7", "the answer is 7"),  # no block: the text outside every block
+        ("<think>so</think> 8", "8"),
+    ],
+)
+def test_graded_answer_is_the_first_answer_block_or_the_text_outside(text, graded):
+    assert parse(text).graded_answer == graded
+    assert graded in parse(text).answer  # nothing is lost from `answer`

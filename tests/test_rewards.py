@@ -142,6 +142,11 @@ def test_answers_without_an_answer_block():
     assert accuracy("<think>3 + 2</think> So it is 5", sample("5")) == 1.0
     # unclosed answer block: the text after <answer> is the answer
     assert accuracy("<think>3 + 2</think><answer>5", sample("5")) == 1.0
+    # Text beside an <answer> block is never read: no second guess, no answer after an empty block.
+    assert accuracy("<answer>3</answer> 4", sample("4")) == 0.0
+    assert accuracy("<answer></answer>4", sample("4")) == 0.0
+    assert accuracy("<answer>B</answer> or A", sample("A", CHOICES)) == 0.0
+    assert accuracy("4 <answer>3</answer>", sample("3")) == 1.0
     # multiple choice: no letter is fished out of prose, a bare letter still counts
     assert accuracy("<think>so</think> I pick B because it is blue", sample("B", CHOICES)) == 0.0
     assert accuracy("B", sample("B", CHOICES)) == 1.0

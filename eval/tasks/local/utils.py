@@ -48,5 +48,5 @@ def doc_to_messages(doc: dict, lmms_eval_specific_kwargs=None) -> list[dict]:
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
-    """`accuracy`: 1.0 when the answer is equivalent to the gold one (train/rewards.py), else 0.0."""
+    """`accuracy`: 1.0 when the answer is equivalent to the gold one (observe_r1/answer.py), else 0.0."""
     return {"accuracy": accuracy(results[0], _sample(doc))}
