@@ -14,6 +14,8 @@ from typing import Any
 
 from PIL import Image
 
+from observe_r1_serve.image_rules import ImageRules
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -88,6 +90,7 @@ class Engine(abc.ABC):
 
     name: str
     stats: EngineStats
+    image_rules: ImageRules | None  # what the model's image processor takes; None: no image input
 
     @abc.abstractmethod
     async def prepare(self, request: EngineRequest, max_prompt_tokens: int) -> None:

@@ -22,6 +22,7 @@ from observe_r1_serve.engine import (
     QueueFullError,
     SamplingOptions,
 )
+from observe_r1_serve.image_rules import ImageRules
 from observe_r1_serve.images import load_image
 from observe_r1_serve.metrics import Metrics
 from observe_r1_serve.protocol import (
@@ -64,9 +65,10 @@ def sampling_options(req: ChatCompletionRequest, config: ServerConfig) -> Sampli
 
 
 async def template_messages(
-    req: ChatCompletionRequest, config: ServerConfig
+    req: ChatCompletionRequest, config: ServerConfig, image_rules: ImageRules | None
 ) -> tuple[list[dict], list[Image.Image]]:
-    """The request's messages in the chat template's form, with the images in prompt order.
+    """The request's messages in the chat template's form, with the images in prompt order, each
+    checked against `image_rules` (None: the model takes no images).
 
     The Observe-R1 system prompt goes first unless the request brings its own system message (or the
     server was started with an empty one)."""
@@ -86,14 +88,18 @@ async def template_messages(
             if part.type == "text":
                 parts.append({"type": "text", "text": part.text})
                 continue
+            if image_rules is None:
+                raise RequestError(
+                    f"the model '{config.model_name}' takes no image input",
+                    param=f"messages[{i}].content[{j}]",
+                )
             if len(images) >= config.max_images_per_request:
                 raise RequestError(
                     f"more than {config.max_images_per_request} images in one request",
                     param=f"messages[{i}].content",
                 )
-            images.append(
-                await load_image(part.image_url.url, f"messages[{i}].content[{j}].image_url.url", config)
-            )
+            param = f"messages[{i}].content[{j}].image_url.url"
+            images.append(await load_image(part.image_url.url, param, config, image_rules))
             parts.append({"type": "image"})
         messages.append({"role": role, "content": parts})
     system_prompt = SYSTEM_PROMPT if config.system_prompt is None else config.system_prompt
@@ -127,7 +133,7 @@ class ChatService:
                 code="model_not_found",
             )
         sampling = sampling_options(req, self.config)
-        messages, images = await template_messages(req, self.config)
+        messages, images = await template_messages(req, self.config, self.engine.image_rules)
         engine_request = EngineRequest(
             request_id=uuid.uuid4().hex,
             prompt=self.engine.render_prompt(messages),

@@ -51,6 +51,7 @@ from observe_r1_serve.engine import (
     StopMatcher,
     coalesce,
 )
+from observe_r1_serve.image_rules import ImageRules
 from observe_r1_serve.sampling import sample_rows
 
 log = logging.getLogger("observe_r1.serve")
@@ -163,6 +164,7 @@ class TransformersEngine(Engine):
         self.model = load_model(config.model, dtype=dtype, device=device)
         self.processor = load_processor(config.model)
         self.tokenizer = self.processor.tokenizer
+        self.image_rules = ImageRules.of(self.processor.image_processor)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [self.tokenizer.eos_token_id])
         self.pad_id = (
