@@ -5,6 +5,7 @@ reasoning and answer with `observe_r1.format` (the streaming parser for SSE)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,11 +33,15 @@ from observe_r1_serve.protocol import (
     Choice,
     CompletionTokensDetails,
     Delta,
+    ErrorBody,
+    ErrorResponse,
     ResponseMessage,
     StreamChoice,
     Usage,
     dump,
 )
+
+log = logging.getLogger("observe_r1.serve")
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
@@ -234,7 +239,8 @@ class ChatService:
         arrival: float,
     ) -> AsyncIterator[str]:
         """Server-sent events: a role chunk per choice, then field deltas, a closing chunk per choice
-        with its finish reason and format verdict, an optional usage chunk, and `[DONE]`."""
+        with its finish reason and format verdict, an optional usage chunk, and `[DONE]`. A failure
+        after the first event is sent as an OpenAI error event, then `[DONE]`."""
         states = self._states(engine_request.sampling.n)
         head = {
             "id": f"chatcmpl-{engine_request.request_id}",
@@ -270,6 +276,14 @@ class ChatService:
                     format_errors=list(parser.result.errors),
                 )
                 yield chunk([closing])
+        except Exception:
+            # The 200 is already sent: the client gets the error as an event, as vLLM's server sends
+            # it, and a stream that ends properly leaves its keep-alive connection usable.
+            log.exception("request %s failed mid-stream", engine_request.request_id)
+            error = ErrorResponse(error=ErrorBody(message="internal server error", type="server_error"))
+            yield f"data: {json.dumps(error.model_dump())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         finally:
             await tracked.aclose()
         usage = self._usage(engine_request.prompt_tokens, states, [s.parser.result for s in states])
