@@ -1,7 +1,8 @@
-"""Turn a request's `image_url` into a checked RGB image: data URLs, http(s) URLs, and local files
-only when the server allows them. An image the model's processor would refuse
-(`observe_r1_serve.image_rules`) or whose pixels have no 8-bit reading is refused here, before
-either engine sees it. Every failure is a `RequestError` naming the request parameter."""
+"""Turn a request's `image_url` into a checked RGB image: data URLs, http(s) URLs (fetched by
+`observe_r1_serve.fetch`), and local files only when the server allows them. An image the model's
+processor would refuse (`observe_r1_serve.image_rules`) or whose pixels have no 8-bit reading is
+refused here, before either engine sees it. Every failure is a `RequestError` naming the request
+parameter."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import io
 import warnings
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
 from observe_r1_serve.config import RequestError, ServerConfig
+from observe_r1_serve.fetch import fetch_image
 from observe_r1_serve.image_rules import ImageRules
 
 # 32-bit integer and float pixels have no standard 8-bit reading: `convert("RGB")` clips them to
@@ -75,26 +76,6 @@ def _from_data_url(url: str, param: str) -> bytes:
         raise RequestError(f"invalid base64 in data URL: {e}", param=param) from e
 
 
-async def _download(url: str, param: str, config: ServerConfig) -> bytes:
-    limit = config.max_body_bytes
-    try:
-        async with httpx.AsyncClient(timeout=config.image_fetch_timeout_s, follow_redirects=True) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise RequestError(
-                        f"fetching the image returned HTTP {response.status_code}", param=param
-                    )
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise RequestError(f"image download exceeds {limit} bytes", param=param)
-                    chunks.append(chunk)
-                return b"".join(chunks)
-    except httpx.HTTPError as e:
-        raise RequestError(f"cannot fetch the image: {e}", param=param) from e
-
-
 def _from_local(url: str, param: str, config: ServerConfig) -> bytes:
     if not config.allow_local_images:
         raise RequestError(
@@ -114,7 +95,7 @@ async def load_image(url: str, param: str, config: ServerConfig, rules: ImageRul
     elif url.startswith(("http://", "https://")):
         if not config.allow_remote_images:
             raise RequestError("image URLs are disabled on this server; send a data: URL", param=param)
-        data = await _download(url, param, config)
+        data = await fetch_image(url, param, config)
     elif url.startswith("file://") or url.startswith("/"):
         data = _from_local(url, param, config)
     else:
