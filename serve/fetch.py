@@ -15,8 +15,8 @@ Proxies from the environment are not used: a proxy would resolve and connect on 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 import httpx
@@ -24,6 +24,7 @@ import httpx
 from observe_r1_serve.config import RequestError, ServerConfig
 
 IPAddress = IPv4Address | IPv6Address
+Refusal = Callable[[str], RequestError]  # the error for this URL, given why
 
 # The instance-metadata endpoints of AWS (EC2 over IPv4 and IPv6, ECS tasks), GCP and Azure (all on
 # 169.254.169.254) and Alibaba Cloud: refused even where private addresses are allowed.
@@ -55,11 +56,11 @@ def _embedded_ipv4(address: IPAddress) -> IPv4Address | None:
     """The IPv4 address an IPv6 address carries and reaches (mapped, 6to4, NAT64, IPv4-compatible)."""
     if not isinstance(address, IPv6Address):
         return None
-    if address.ipv4_mapped or address.sixtofour:
-        return address.ipv4_mapped or address.sixtofour
-    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
-        return IPv4Address(int(address) & 0xFFFFFFFF)
-    return None
+    embedded = address.ipv4_mapped or address.sixtofour
+    # `int(address) > 1`: :: and ::1 are IPv6's own unspecified and loopback addresses.
+    if embedded is None and (address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1)):
+        embedded = IPv4Address(int(address) & 0xFFFFFFFF)
+    return embedded
 
 
 def address_problem(address: IPAddress, allow_private: bool = False) -> str | None:
@@ -97,7 +98,7 @@ def _shown(url: str) -> str:
     return url if len(url) <= 200 else url[:200] + "..."
 
 
-async def _resolve(url: httpx.URL, config: ServerConfig, refused) -> list[IPAddress]:
+async def _resolve(url: httpx.URL, config: ServerConfig, refused: Refusal) -> list[IPAddress]:
     """The checked addresses of `url`'s host, in resolver order."""
     host = url.raw_host.decode("ascii")
     try:
@@ -106,7 +107,7 @@ async def _resolve(url: httpx.URL, config: ServerConfig, refused) -> list[IPAddr
         )
     except socket.gaierror as e:
         raise refused(f"its host {url.host} does not resolve ({e.strerror})") from e
-    addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+    addresses = list(dict.fromkeys(ip_address(info[4][0]) for info in infos))
     for address in addresses:
         if problem := address_problem(address, config.image_fetch_allow_private):
             private = address_problem(address, allow_private=True) is None
@@ -133,7 +134,7 @@ async def _send(client: httpx.AsyncClient, url: httpx.URL, addresses: list[IPAdd
     raise error
 
 
-async def _read(response: httpx.Response, limit: int, refused) -> bytes:
+async def _read(response: httpx.Response, limit: int, refused: Refusal) -> bytes:
     chunks, size = [], 0
     async for chunk in response.aiter_bytes():
         size += len(chunk)

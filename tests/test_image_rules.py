@@ -17,7 +17,7 @@ SIZES = sorted({(w, h) for w in SIDES for h in SIDES} | set(EDGES) | {(h, w) for
 def processor_takes(image_processor, width: int, height: int) -> bool:
     try:
         image_processor(images=[Image.new("RGB", (width, height))], return_tensors="np")
-    except ValueError:
+    except (ValueError, RuntimeError):  # torch's reshape (torchvision processors) raises RuntimeError
         return False
     return True
 
