@@ -68,8 +68,9 @@ def _validation_error(exc: RequestValidationError) -> RequestError:
 
 class Gate:
     """Pure ASGI middleware in front of every route: the body-size limit (by header, and while the
-    body is read, without buffering past the limit), API-key auth on `/v1/*`, and the request counter
-    by status. Pure ASGI keeps streaming responses and client disconnects untouched."""
+    body is read, without buffering past the limit), API-key auth on `/v1/*`, the request counter
+    by status, and the 500 for any exception that escapes a route. Pure ASGI keeps streaming
+    responses and client disconnects untouched."""
 
     def __init__(self, app, config: ServerConfig, metrics: Metrics):
         self.app = app
@@ -108,6 +109,7 @@ class Gate:
             return await too_large(scope, receive, counting_send)
         seen = 0
         exceeded = False
+        started = False
 
         async def limited_receive():
             nonlocal seen, exceeded
@@ -120,14 +122,22 @@ class Gate:
             return message
 
         async def guarded_send(message):
+            nonlocal started
             if not exceeded:
+                started = True
                 await counting_send(message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
+            if started:
+                raise  # the response is under way: nothing can replace it
             if not exceeded:
-                raise
+                # Answered here, not by Starlette's ServerErrorMiddleware: it re-raises after its 500,
+                # and uvicorn then closes the connection, failing the client's next pooled request.
+                log.exception("unhandled error on %s", path)
+                internal = RequestError("internal server error", status=500, type_="server_error")
+                return await error_response(internal)(scope, receive, counting_send)
         if exceeded:
             await too_large(scope, receive, counting_send)
 
@@ -176,11 +186,6 @@ def create_app(
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(RequestError(str(exc.detail), status=exc.status_code, code=code))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(RequestError("internal server error", status=500, type_="server_error"))
 
     app.add_middleware(Gate, config=config, metrics=metrics)
 

@@ -31,6 +31,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, choices=typing.get_args(kind), default=f.default, help=f"default: {f.default}"
             )
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(
+                flag,
+                nargs="*",
+                default=f.default,
+                help=f"space-separated; default: {' '.join(f.default) or 'none'}",
+            )
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             parser.add_argument(flag, type=base, default=f.default, help=f"default: {f.default}")
@@ -40,7 +47,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     values = {
-        f.name: getattr(args, f.name)
+        f.name: tuple(value) if isinstance(value := getattr(args, f.name), list) else value
         for f in dataclasses.fields(ServerConfig)
         if f.name not in _SECRET_FIELDS
     }

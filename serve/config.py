@@ -37,8 +37,15 @@ class ServerConfig:
     default_max_tokens: int = 1024
     max_n: int = 8
     allow_local_images: bool = False
-    allow_remote_images: bool = True  # http(s) image URLs; off where the server must not fetch (SSRF)
-    image_fetch_timeout_s: float = 10.0
+    # http(s) image URLs, fetched under the rules of observe_r1_serve.fetch (no private addresses).
+    allow_remote_images: bool = True
+    image_fetch_timeout_s: float = 10.0  # the whole fetch, redirects included
+    image_fetch_max_bytes: int = 20 * 1024 * 1024
+    image_fetch_max_redirects: int = 3
+    image_fetch_allowed_domains: tuple[str, ...] = ()  # empty: every host; "*.example.com": its subdomains
+    # Also fetch from loopback, private, link-local, CGNAT and IPv6 unique-local addresses (a
+    # cluster-internal image store); cloud metadata addresses stay refused.
+    image_fetch_allow_private: bool = False
     # Scheduling: how many sequences share one generate call, and how many requests may wait.
     max_batch_size: int = 32
     max_waiting: int = 256

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from observe_r1.sampling import SamplingParams
+from observe_r1_serve.image_rules import ImageRules
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Engine(abc.ABC):
 
     name: str
     stats: EngineStats
+    image_rules: ImageRules | None  # what the model's image processor takes; None: no image input
 
     @abc.abstractmethod
     async def prepare(self, request: EngineRequest, max_prompt_tokens: int) -> None:

@@ -23,6 +23,7 @@ from observe_r1_serve.engine import (
     PromptTooLongError,
     QueueFullError,
 )
+from observe_r1_serve.image_rules import ImageRules
 from observe_r1_serve.images import load_image
 from observe_r1_serve.metrics import Metrics
 from observe_r1_serve.protocol import (
@@ -32,6 +33,8 @@ from observe_r1_serve.protocol import (
     Choice,
     CompletionTokensDetails,
     Delta,
+    ErrorBody,
+    ErrorResponse,
     ResponseMessage,
     StreamChoice,
     Usage,
@@ -71,9 +74,10 @@ def sampling_params(
 
 
 async def template_messages(
-    req: ChatCompletionRequest, config: ServerConfig
+    req: ChatCompletionRequest, config: ServerConfig, image_rules: ImageRules | None
 ) -> tuple[list[dict], list[Image.Image]]:
-    """The request's messages in the chat template's form, with the images in prompt order.
+    """The request's messages in the chat template's form, with the images in prompt order, each
+    checked against `image_rules` (None: the model takes no images).
 
     The Observe-R1 system prompt goes first unless the request brings its own system message (or the
     server was started with an empty one)."""
@@ -93,14 +97,18 @@ async def template_messages(
             if part.type == "text":
                 parts.append({"type": "text", "text": part.text})
                 continue
+            if image_rules is None:
+                raise RequestError(
+                    f"the model '{config.model_name}' takes no image input",
+                    param=f"messages[{i}].content[{j}]",
+                )
             if len(images) >= config.max_images_per_request:
                 raise RequestError(
                     f"more than {config.max_images_per_request} images in one request",
                     param=f"messages[{i}].content",
                 )
-            images.append(
-                await load_image(part.image_url.url, f"messages[{i}].content[{j}].image_url.url", config)
-            )
+            param = f"messages[{i}].content[{j}].image_url.url"
+            images.append(await load_image(part.image_url.url, param, config, image_rules))
             parts.append({"type": "image"})
         messages.append({"role": role, "content": parts})
     system_prompt = SYSTEM_PROMPT if config.system_prompt is None else config.system_prompt
@@ -143,7 +151,7 @@ class ChatService:
                 code="model_not_found",
             )
         sampling = sampling_params(req, self.config, self.sampling_defaults)
-        messages, images = await template_messages(req, self.config)
+        messages, images = await template_messages(req, self.config, self.engine.image_rules)
         engine_request = EngineRequest(
             request_id=uuid.uuid4().hex,
             prompt=self.engine.render_prompt(messages),
@@ -244,7 +252,8 @@ class ChatService:
         arrival: float,
     ) -> AsyncIterator[str]:
         """Server-sent events: a role chunk per choice, then field deltas, a closing chunk per choice
-        with its finish reason and format verdict, an optional usage chunk, and `[DONE]`."""
+        with its finish reason and format verdict, an optional usage chunk, and `[DONE]`. A failure
+        after the first event is sent as an OpenAI error event, then `[DONE]`."""
         states = self._states(engine_request.sampling.n)
         head = {
             "id": f"chatcmpl-{engine_request.request_id}",
@@ -280,6 +289,14 @@ class ChatService:
                     format_errors=list(parser.result.errors),
                 )
                 yield chunk([closing])
+        except Exception:
+            # The 200 is already sent: the client gets the error as an event, as vLLM's server sends
+            # it, and a stream that ends properly leaves its keep-alive connection usable.
+            log.exception("request %s failed mid-stream", engine_request.request_id)
+            error = ErrorResponse(error=ErrorBody(message="internal server error", type="server_error"))
+            yield f"data: {json.dumps(error.model_dump())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         finally:
             await tracked.aclose()
         usage = self._usage(engine_request.prompt_tokens, states, [s.parser.result for s in states])

@@ -52,6 +52,7 @@ from observe_r1_serve.engine import (
     StopMatcher,
     coalesce,
 )
+from observe_r1_serve.image_rules import ImageRules
 from observe_r1_serve.sampling import apply_repetition_penalty, sample_rows
 
 log = logging.getLogger("observe_r1.serve")
@@ -184,6 +185,7 @@ class TransformersEngine(Engine):
         self.model = load_model(config.model, dtype=dtype, device=device)
         self.processor = load_processor(config.model)
         self.tokenizer = self.processor.tokenizer
+        self.image_rules = ImageRules.of(self.processor.image_processor)
         self.eos_ids = set(end_of_turn_ids(self.tokenizer, self.model.generation_config.eos_token_id))
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)

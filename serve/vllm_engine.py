@@ -20,6 +20,7 @@ from observe_r1_serve.engine import (
     PromptTooLongError,
     QueueFullError,
 )
+from observe_r1_serve.image_rules import ImageRules
 
 # Defaults for CPU builds of vLLM: a bounded KV cache (GiB) instead of a large share of RAM, no
 # OpenMP core pinning on shared machines, and the model worker inside the engine-core process
@@ -59,7 +60,14 @@ class VLLMEngine(Engine):
         self.tokenizer = self.engine.get_tokenizer()
         self.stats = EngineStats()
         self._ids = itertools.count()
+        # The image processor vLLM runs (the checkpoint's), read here for its rules and token counts.
         self._image_processor = None
+        self.image_rules = None
+        if self.engine.model_config.is_multimodal_model:
+            from transformers import AutoImageProcessor
+
+            self._image_processor = AutoImageProcessor.from_pretrained(config.model)
+            self.image_rules = ImageRules.of(self._image_processor)
 
     def render_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -71,10 +79,6 @@ class VLLMEngine(Engine):
         """Placeholder tokens the images expand into (vLLM expands them after this check)."""
         if not request.images:
             return 0
-        if self._image_processor is None:
-            from transformers import AutoImageProcessor
-
-            self._image_processor = AutoImageProcessor.from_pretrained(self.config.model)
         ip = self._image_processor
         patches = sum(ip.get_number_of_image_patches(img.height, img.width, {}) for img in request.images)
         return patches // (ip.merge_size**2) - len(request.images)

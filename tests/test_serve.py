@@ -2,9 +2,7 @@
 n > 1, stop strings, auth, metrics."""
 
 import base64
-import http.server
 import io
-import threading
 
 import httpx
 import openai
@@ -140,37 +138,6 @@ def test_max_completion_tokens_bounds_the_answer(server):
         model="tiny", messages=[{"role": "user", "content": "go"}], max_completion_tokens=5, temperature=0
     )
     assert r.usage.completion_tokens <= 5
-
-
-def test_http_image_urls_are_fetched(server):
-    png = base64.b64decode(data_url().split(",", 1)[1])
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = png if self.path == "/img.png" else b"nope"
-            self.send_response(200 if self.path == "/img.png" else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{httpd.server_address[1]}"
-        r = client(server).chat.completions.create(
-            model="tiny", messages=image_message(f"{base}/img.png"), max_tokens=4
-        )
-        assert r.usage.prompt_tokens > 10
-        with pytest.raises(openai.BadRequestError) as info:
-            client(server).chat.completions.create(
-                model="tiny", messages=image_message(f"{base}/missing.png"), max_tokens=4
-            )
-        assert info.value.body["param"] == "messages[0].content[0].image_url.url"
-    finally:
-        httpd.shutdown()
 
 
 def test_local_image_paths_need_the_explicit_flag(server, start_server, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from conftest import Server  # noqa: E402
-from test_serve import client, extra  # noqa: E402
+from test_serve import client, data_url, extra, image_message  # noqa: E402
 from test_serve_robustness import CHAT, wait_for_gauge  # noqa: E402
 from vllm_helpers.tiny_qwen2 import build_tiny_qwen2  # noqa: E402
 
@@ -104,6 +104,16 @@ def test_limits_and_errors_apply_before_vllm(vllm_server):
     with pytest.raises(openai.BadRequestError) as info:
         client(vllm_server).chat.completions.create(model="tiny", messages=ask(), max_tokens=100_000)
     assert info.value.body["param"] == "max_tokens"
+
+
+def test_images_are_refused_before_vllm_when_the_model_takes_none(vllm_server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client(vllm_server).chat.completions.create(
+            model="tiny", messages=image_message(data_url()), max_tokens=4
+        )
+    assert info.value.body["param"] == "messages[0].content[0]"
+    assert "takes no image input" in info.value.body["message"]
+    assert client(vllm_server).chat.completions.create(model="tiny", messages=ask(), max_tokens=2).choices
 
 
 def test_a_full_queue_answers_429_and_disconnects_abort(vllm_server):
