@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 from observe_r1.command import Command
-from observe_r1_serve.config import ServerConfig, read_api_key
+from observe_r1_serve.config import ServerConfig, check_vllm_options, read_api_key
 
 API_KEY_ENV = "OBSERVE_R1_API_KEY"
 _SECRET_FIELDS = {"api_key"}  # never on the command line, where `ps` shows it
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_model_folder(config.model)
+    check_vllm_options(config)  # before a model loads, whichever engine will
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
