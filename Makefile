@@ -82,25 +82,7 @@ $(HELM): $(DEPLOY_VENV)/.installed
 	touch $@  # unzip keeps the archive's date, older than .installed
 
 demo: setup setup-eval
-	$(VENV)/bin/observe-r1 tiny-model $(DEMO_DIR)/model --size tiny --seed 0 --force
-	$(VENV)/bin/observe-r1 synth-data $(DEMO_DIR)/data --n 200 --seed 0 --force
-	$(VENV)/bin/observe-r1 chat --model $(DEMO_DIR)/model --sample $(DEMO_DIR)/data/data.jsonl --row 1 --seed 0
-	@echo "--- SFT warm start on the format, then Observe-R1 GRPO (DeepSpeed ZeRO-2 on CPU)"
-	rm -rf $(DEMO_DIR)/sft $(DEMO_DIR)/train
-	$(VENV)/bin/observe-r1 sft --config train/configs/sft_tiny_cpu.yaml model.path=$(DEMO_DIR)/model \
-		data.paths=[$(DEMO_DIR)/data/data.jsonl] checkpoint.output_dir=$(DEMO_DIR)/sft
-	$(VENV)/bin/observe-r1 train --config train/configs/tiny_cpu.yaml model.path=$(DEMO_DIR)/sft/model \
-		data.paths=[$(DEMO_DIR)/data/data.jsonl] checkpoint.output_dir=$(DEMO_DIR)/train
-	@echo "--- serving the trained model and asking it through the openai client"
-	$(VENV)/bin/observe-r1 serve --model $(DEMO_DIR)/train/model --served-model-name observe-r1-tiny \
-		--port $(DEMO_PORT) --log-level warning & server=$$!; \
-	$(VENV)/bin/observe-r1 ask --base-url http://127.0.0.1:$(DEMO_PORT)/v1 --model observe-r1-tiny \
-		--image $(DEMO_DIR)/data/images/000002.png --question "Which bar is the tallest?" --seed 0 \
-		--wait-ready 120 && \
-	rm -rf $(DEMO_DIR)/eval && echo "--- evaluating it on the local suite with lmms-eval" && \
-	$(PY) eval/run.py --suite local --model observe-r1-tiny --base-url http://127.0.0.1:$(DEMO_PORT)/v1 \
-		--tokenizer $(DEMO_DIR)/train/model --local-data $(DEMO_DIR)/data/data.jsonl --limit 16 --max-new-tokens 64 \
-		--output $(DEMO_DIR)/eval; status=$$?; kill $$server; wait $$server; exit $$status
+	$(VENV)/bin/observe-r1 demo --dir $(DEMO_DIR) --port $(DEMO_PORT)
 
 test: setup setup-vllm setup-eval setup-deploy
 	$(PY) -m pytest -q
