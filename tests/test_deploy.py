@@ -278,6 +278,15 @@ def test_every_example_is_rendered_and_the_chart_packages_without_them(tmp_path)
     assert "observe-r1/values.schema.json" in listing and "examples/" not in listing
 
 
+def test_the_readme_explains_every_top_level_value():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### The chart") : readme.index("## CPU and GPU")]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(values) == set(schema["properties"]) - {"global"}
+    assert [key for key in values if f"`{key}" not in section] == []
+
+
 # --- the chart: the server against the code it runs ------------------------------------------------------
 
 
