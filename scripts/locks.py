@@ -13,6 +13,7 @@ Re-locking keeps every pin that still satisfies its range; `--upgrade` moves eve
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import re
 import subprocess
 import sys
@@ -49,6 +50,11 @@ CPU_WHEELS = "/opt/wheels"
 BROKEN_ON_CPU = ("torchvision", "torchaudio", "torchcodec")
 
 
+# What the image's environments share with its main one: torch and the CUDA libraries it loads (several GB,
+# stored once in the image since the environments hard-link them from one uv cache).
+IMAGE_SHARED = ("torch", "triton", "nvidia-*", "cuda-*")
+
+
 class LockError(RuntimeError):
     """A lock that does not match its declaration, or one that cannot be made."""
 
@@ -66,6 +72,10 @@ class Environment:
     # Packages pinned at the main CPU environment's version whatever the resolution wants, so that the
     # answer check scores alike in every environment.
     same_as_main: tuple[str, ...] = ()
+    # Another environment whose lock pins the packages matching `shared` (fnmatch patterns) for this one
+    # too, so that environments installed side by side (the image's) share those files.
+    shares_with: str | None = None
+    shared: tuple[str, ...] = ()
     where: str = ""  # what installs from it, for the README and the error messages
 
     @property
@@ -92,8 +102,38 @@ ENVIRONMENTS = (
         cpu=False,
         where="the container image (resolved here, installed only where CUDA is)",
     ),
+    # The image's lmms-eval environment (both targets of the Dockerfile) and the CPU target's main one. A
+    # docker build reaches PyPI only, whose Linux torch is the CUDA build; it runs on CPU too.
+    Environment(
+        "image-eval",
+        groups=("eval-harness",),
+        cpu=False,
+        same_as_main=("math-verify",),
+        shares_with="main-cuda",
+        shared=IMAGE_SHARED,
+        where="the container image's lmms-eval environment (/opt/venv-eval)",
+    ),
+    Environment(
+        "image-cpu",
+        extras=("serve", "train", "eval"),
+        cpu=False,
+        shares_with="main-cuda",
+        shared=IMAGE_SHARED,
+        where="the CPU container image (the Dockerfile's cpu target)",
+    ),
+    Environment(
+        "deploy-tools",
+        groups=("deploy-tools",),
+        cpu=False,
+        where=".venv-deploy (hadolint, kubernetes-validate)",
+    ),
 )
 MAIN = "main-cpu"
+
+
+def shared_pins(env: Environment, pins: dict[str, tuple[Version, int]]) -> dict[str, tuple[Version, int]]:
+    """The pins of `pins` that `env` shares with its `shares_with` environment."""
+    return {k: v for k, v in pins.items() if any(fnmatch.fnmatchcase(k, pattern) for pattern in env.shared)}
 
 
 def by_name(name: str) -> Environment:
@@ -197,6 +237,15 @@ def check(pyproject_path: Path = REPO / "pyproject.toml", locks: Path = LOCKS) -
                     f"{shown} pins {key}=={pins.get(key, ('nothing',))[0]}, but the main environment has "
                     f"{main_pins[key][0]} and the two must agree"
                 )
+        if env.shares_with is not None:
+            source = locks / by_name(env.shares_with).lock.name
+            source_pins = shared_pins(env, read_lock(source)) if source.exists() else {}
+            problems += [
+                f"{shown} pins {key}=={version}, but {locks.name}/{source.name} has {source_pins[key][0]} "
+                "and the two must agree"
+                for key, (version, _) in pins.items()
+                if key in source_pins and source_pins[key][0] != version
+            ]
         problems += [f"{shown} pins {key}, which it must exclude" for key in env.excludes if key in pins]
         problems += [f"{shown} pins {key} without a hash" for key, (_, hashes) in pins.items() if not hashes]
         if env.cpu and "torch" in pins and str(pins["torch"][0]) != CPU_TORCH.split("==")[1]:
@@ -230,6 +279,12 @@ def compile_command(env: Environment, inputs: Path, upgrade: list[str]) -> list[
             "".join(f"{k}=={main[k][0]}\n" for k in env.same_as_main)
         )
         cmd += ["--overrides", str(inputs / f"{env.name}.overrides")]
+    if env.shares_with is not None:
+        source = shared_pins(env, read_lock(by_name(env.shares_with).lock))
+        (inputs / f"{env.name}.constraints").write_text(
+            "".join(f"{k}=={v}\n" for k, (v, _) in source.items())
+        )
+        cmd += ["--constraints", str(inputs / f"{env.name}.constraints")]
     for item in upgrade:
         cmd += ["--upgrade"] if item == ":all:" else ["--upgrade-package", item]
     return cmd
@@ -237,8 +292,8 @@ def compile_command(env: Environment, inputs: Path, upgrade: list[str]) -> list[
 
 def compile_locks(names: list[str], upgrade: list[str], uv: str) -> None:
     envs = [by_name(n) for n in names] if names else list(ENVIRONMENTS)
-    # The environments that copy the main one's pins are resolved after it.
-    envs.sort(key=lambda e: bool(e.same_as_main))
+    # The environments that copy another one's pins are resolved after it.
+    envs.sort(key=lambda e: bool(e.same_as_main or e.shares_with))
     LOCKS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for env in envs:

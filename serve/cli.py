@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 from observe_r1.command import Command
-from observe_r1_serve.config import ServerConfig, read_api_key
+from observe_r1_serve.config import ServerConfig, check_vllm_options, read_api_key
 
 API_KEY_ENV = "OBSERVE_R1_API_KEY"
 _SECRET_FIELDS = {"api_key"}  # never on the command line, where `ps` shows it
@@ -24,7 +24,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if f.name == "model":
-            parser.add_argument(flag, type=Path, required=True, help="a Hugging Face model folder")
+            parser.add_argument(
+                flag, type=Path, required=True, help="a Hugging Face model folder, or a Hub id (owner/name)"
+            )
         elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif typing.get_origin(kind) is typing.Literal:
@@ -57,11 +59,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from observe_r1.modeling import check_model_folder
     from observe_r1_serve.app import build_engine, create_app
+    from observe_r1_serve.hub import resolve_model
 
     config = config_from_args(args)
-    check_model_folder(config.model)
+    resolve_model(config)  # a Hub id is downloaded here, before the server answers
+    check_vllm_options(config)  # before a model loads, whichever engine will
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from observe_r1.errors import InvalidValue
+from observe_r1.errors import InvalidValue, UserError
 
 EngineName = Literal["auto", "transformers", "vllm"]  # auto: vLLM where installed and a GPU is present
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on GPU, fp32 on CPU
@@ -55,6 +56,14 @@ class ServerConfig:
     prefix_cache: bool = True
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
+    # vLLM engine (engine vllm): how it spreads the model over GPUs and sizes its KV cache.
+    tensor_parallel_size: int = 1  # GPUs one replica's model is split over
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory for weights, activations and KV cache
+    max_model_len: int | None = None  # context length; None: max_prompt_tokens + max_completion_tokens
+    max_num_seqs: int | None = None  # sequences vLLM batches together; None: max_batch_size
+    vllm_engine_args: str | None = (
+        None  # a JSON object of further AsyncEngineArgs: '{"enable_chunked_prefill": true}'
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(ServerConfig)
@@ -68,6 +77,27 @@ class ServerConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.name
+
+
+def check_vllm_options(config: ServerConfig) -> dict:
+    """Refuses out-of-range vLLM options, naming the flag; returns the pass-through engine arguments."""
+    if config.tensor_parallel_size < 1:
+        raise UserError(f"--tensor-parallel-size must be at least 1, not {config.tensor_parallel_size}")
+    if not 0 < config.gpu_memory_utilization <= 1:
+        raise UserError(f"--gpu-memory-utilization must be in (0, 1], not {config.gpu_memory_utilization}")
+    for name in ("max_model_len", "max_num_seqs"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    if config.vllm_engine_args is None:
+        return {}
+    try:
+        extra = json.loads(config.vllm_engine_args)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--vllm-engine-args is not JSON: {e}") from e
+    if not isinstance(extra, dict):
+        raise UserError(f"--vllm-engine-args must be a JSON object, not {type(extra).__name__}")
+    return extra
 
 
 class RequestError(Exception):

@@ -7,11 +7,14 @@ prompt plus images as `multi_modal_data`, per-request `SamplingParams` with delt
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import os
 from collections.abc import AsyncIterator
+from dataclasses import fields
 
-from observe_r1_serve.config import ServerConfig
+from observe_r1.errors import UserError
+from observe_r1_serve.config import ServerConfig, check_vllm_options
 from observe_r1_serve.engine import (
     ChoiceDelta,
     Engine,
@@ -32,6 +35,36 @@ _CPU_ENV = {
 }
 
 
+def engine_args(config: ServerConfig, on_gpu: bool):
+    """vLLM's `AsyncEngineArgs` for `config`. The pass-through `--vllm-engine-args` may add any other
+    argument, but not one the server sets itself (its own flag, or derived from one)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[config.dtype]
+    ours = dict(
+        model=str(config.model),
+        served_model_name=config.model_name,
+        dtype=dtype if on_gpu or dtype != "auto" else "float32",
+        max_model_len=config.max_model_len or config.max_prompt_tokens + config.max_completion_tokens,
+        max_num_seqs=config.max_num_seqs or config.max_batch_size,
+        tensor_parallel_size=config.tensor_parallel_size,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        limit_mm_per_prompt={"image": config.max_images_per_request},
+        enforce_eager=not on_gpu,  # CPU: no graph capture or compilation, start in seconds
+        disable_log_stats=True,
+    )
+    extra = check_vllm_options(config)
+    known = {f.name for f in fields(AsyncEngineArgs)}
+    for key in extra:
+        if key in ours:
+            raise UserError(f"--vllm-engine-args sets '{key}', which the server sets itself (see --help)")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"--vllm-engine-args: '{key}' is not an argument of vLLM's engine{hint}")
+    return AsyncEngineArgs(**ours, **extra)
+
+
 class VLLMEngine(Engine):
     def __init__(self, config: ServerConfig):
         import torch
@@ -40,23 +73,11 @@ class VLLMEngine(Engine):
         if not on_gpu:
             for key, value in _CPU_ENV.items():
                 os.environ.setdefault(key, value)
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.config = config
         self.name = "vllm"
-        dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[config.dtype]
-        args = AsyncEngineArgs(
-            model=str(config.model),
-            served_model_name=config.model_name,
-            dtype=dtype if on_gpu or dtype != "auto" else "float32",
-            max_model_len=config.max_prompt_tokens + config.max_completion_tokens,
-            max_num_seqs=config.max_batch_size,
-            limit_mm_per_prompt={"image": config.max_images_per_request},
-            enforce_eager=not on_gpu,  # CPU: no graph capture or compilation, start in seconds
-            disable_log_stats=True,
-        )
-        self.engine = AsyncLLM.from_engine_args(args)
+        self.engine = AsyncLLM.from_engine_args(engine_args(config, on_gpu))
         self.tokenizer = self.engine.get_tokenizer()
         self.stats = EngineStats()
         self._ids = itertools.count()

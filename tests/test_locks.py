@@ -51,11 +51,31 @@ def test_a_dependency_added_without_relocking_is_named(project):
         "pyproject.toml declares 'pyfiglet>=1' (extra 'train'), which locks/main-cuda.lock.txt does not pin"
         in problems
     )
+    for lock in ("eval-cpu", "image-eval"):
+        assert (
+            f"pyproject.toml declares 'jiwer>=3' (dependency group 'eval-harness'), which locks/{lock}.lock.txt "
+            "does not pin"
+        ) in problems
     assert (
-        "pyproject.toml declares 'jiwer>=3' (dependency group 'eval-harness'), which locks/eval-cpu.lock.txt "
-        "does not pin"
-    ) in problems
-    assert len(problems) == 3
+        "pyproject.toml declares 'pyfiglet>=1' (extra 'train'), which locks/image-cpu.lock.txt does not pin"
+        in problems
+    )
+    assert len(problems) == 5
+
+
+def test_the_image_environments_share_torch_with_the_main_one(project):
+    """The image's environments hard-link torch and the CUDA libraries from one cache: their pins must be
+    the main CUDA environment's."""
+    cuda = locks.read_lock(REPO / "locks" / "main-cuda.lock.txt")
+    for name in ("image-eval", "image-cpu"):
+        pins = locks.read_lock(REPO / "locks" / f"{name}.lock.txt")
+        assert pins["torch"][0] == cuda["torch"][0]
+        assert pins["nvidia-cudnn-cu13"][0] == cuda["nvidia-cudnn-cu13"][0]
+    edit(project / "locks" / "image-eval.lock.txt", f"torch=={cuda['torch'][0]} ", "torch==2.12.0 ")
+    assert locks.check(project / "pyproject.toml", project / "locks") == [
+        f"locks/image-eval.lock.txt pins torch==2.12.0, but locks/main-cuda.lock.txt has {cuda['torch'][0]} "
+        "and the two must agree"
+    ]
 
 
 def test_a_range_the_lock_no_longer_satisfies_is_named(project):

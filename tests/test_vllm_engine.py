@@ -2,6 +2,7 @@
 tiny text-only Qwen2 (its Qwen2.5-VL path needs torchvision). Skipped where vLLM is not installed."""
 
 import asyncio
+import re
 
 import httpx
 import openai
@@ -14,7 +15,10 @@ from test_serve import client, data_url, extra, image_message  # noqa: E402
 from test_serve_robustness import CHAT, wait_for_gauge  # noqa: E402
 from vllm_helpers.tiny_qwen2 import build_tiny_qwen2  # noqa: E402
 
+from observe_r1.errors import UserError  # noqa: E402
 from observe_r1.format import parse  # noqa: E402
+from observe_r1_serve.config import ServerConfig  # noqa: E402
+from observe_r1_serve.vllm_engine import engine_args  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +32,15 @@ def vllm_server(tiny_qwen2_dir, tmp_path_factory):
     model = tiny_qwen2_dir
     args = ["--engine", "vllm", "--max-prompt-tokens", "1024", "--max-completion-tokens", "256"]
     args += ["--max-batch-size", "2", "--max-waiting", "1"]
+    # The options the Helm chart drives, as the CPU build accepts them (it has no GPU memory to share).
+    args += [
+        "--max-model-len",
+        "1536",
+        "--max-num-seqs",
+        "2",
+        "--vllm-engine-args",
+        '{"max_num_batched_tokens": 2048}',
+    ]
     s = Server(model, *args, log_dir=root).wait_ready(timeout=300)
     yield s
     s.stop()
@@ -157,3 +170,29 @@ def test_sampling_policy_on_the_vllm_engine(vllm_server, vllm_qwen_like_server):
     unset = [answers(vllm_qwen_like_server, seed) for seed in seeds]
     assert unset == [answers(vllm_server, seed, **QWEN_LIKE) for seed in seeds]
     assert "top_k=1 (checkpoint)" in vllm_qwen_like_server.log()
+
+
+def test_engine_arguments_come_from_the_server_options(tmp_path):
+    config = ServerConfig(model=tmp_path, max_prompt_tokens=100, max_completion_tokens=28, max_batch_size=5)
+    args = engine_args(config, on_gpu=False)
+    assert (args.max_model_len, args.max_num_seqs, args.tensor_parallel_size) == (128, 5, 1)
+    config.tensor_parallel_size, config.gpu_memory_utilization = 2, 0.75
+    config.max_model_len, config.max_num_seqs = 4096, 64
+    config.vllm_engine_args = '{"max_num_batched_tokens": 8192, "enable_prefix_caching": false}'
+    args = engine_args(config, on_gpu=True)
+    assert (args.tensor_parallel_size, args.gpu_memory_utilization) == (2, 0.75)
+    assert (args.max_model_len, args.max_num_seqs) == (4096, 64)
+    assert (args.max_num_batched_tokens, args.enable_prefix_caching) == (8192, False)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ('{"max_num_seqs": 4}', "'max_num_seqs', which the server sets itself"),
+        ('{"max_num_batched_token": 4}', "did you mean 'max_num_batched_tokens'?"),
+        ("[1]", "must be a JSON object"),
+    ],
+)
+def test_pass_through_engine_arguments_are_checked(tmp_path, extra, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        engine_args(ServerConfig(model=tmp_path, vllm_engine_args=extra), on_gpu=False)
