@@ -8,7 +8,7 @@ GRPO steps with three trainers, each in its own process: ours (the shared-prefix
 the per-sample update (`optim.shared_prefix=false`), and TRL's GRPOTrainer. The settings:
 
 - image-heavy: 448 px images (256 image tokens, prompts of about 420 tokens), 64 new tokens;
-- text-heavy: 56 px images (4 image tokens), 256 new tokens.
+- text-heavy: 64 px images (the processor resizes them to 56 px: 4 image tokens), 256 new tokens.
 
 Both: `--prompts` prompts x `--group` completions per step, one optimizer update per step in
 micro-batches of `--micro-batch`, fp32, no gradient checkpointing, no reference model (beta 0),
@@ -51,7 +51,7 @@ class Setting:
 
 SETTINGS = {
     "image-heavy": Setting(image_size=448, new_tokens=64, trl_target=3.0),
-    "text-heavy": Setting(image_size=56, new_tokens=256, trl_target=1.0),
+    "text-heavy": Setting(image_size=64, new_tokens=256, trl_target=1.0),
 }
 TRAINERS = {
     "ours": "observe-r1 train (shared prefix)",
