@@ -196,16 +196,7 @@ class Builder:
         self.system_prompt = (
             SYSTEM_PROMPT if cfg.sampling.system_prompt is None else cfg.sampling.system_prompt or None
         )
-        s = cfg.sampling
-        self.params = SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            repetition_penalty=s.repetition_penalty,
-            max_tokens=s.max_new_tokens,
-            n=s.samples,
-            seed=s.seed,
-        )
+        self.params = cfg.sampling.params()
 
     def _summary(self, rows_read: int, reference: Sampler | None, prefilter: Sampler | None, **parts) -> dict:
         return {

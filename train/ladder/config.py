@@ -17,6 +17,7 @@ from typing import Literal
 
 from observe_r1.config import ConfigError, load_config
 from observe_r1.data import OPTIONAL_FIELDS, REQUIRED_FIELDS
+from observe_r1.sampling import SamplingParams
 
 # ours: the paper only says the hint tells the model the problem is hard and to verify its steps [DP].
 DIFFICULTY_HINT = (
@@ -97,6 +98,18 @@ class SamplingConfig:
     max_prompt_tokens: int = 9216  # local model only: longer prompts are refused before sampling
     system_prompt: str | None = None  # None: observe_r1.format.SYSTEM_PROMPT; "": none
     seed: int = 0
+
+    def params(self) -> SamplingParams:
+        """The K reasoning samples of one question."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            max_tokens=self.max_new_tokens,
+            n=self.samples,
+            seed=self.seed,
+        )
 
 
 @dataclass
