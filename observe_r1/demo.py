@@ -158,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DEMO = Command(
-    help="the whole pipeline on the built-in tiny model (about 4 minutes on a laptop CPU)",
+    help="the whole pipeline on the built-in tiny model (about 5 minutes on a laptop CPU)",
     add_arguments=add_arguments,
     run=run,
 )
