@@ -91,6 +91,7 @@ test: setup setup-vllm setup-eval setup-deploy
 bench: setup
 	$(PY) bench/serve_bench.py --out runs/bench/serve  # add --skip-peer to leave out transformers serve
 	$(PY) bench/train_bench.py --out runs/bench/train  # add --skip-trl to leave out TRL's GRPOTrainer
+	$(PY) bench/ladder_bench.py --out runs/bench/ladder  # the ladder's batched sampling against one call per sample
 
 lint: setup
 	$(VENV)/bin/ruff check .

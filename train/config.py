@@ -30,11 +30,6 @@ from observe_r1.sampling import SamplingParams
 from observe_r1_train import algorithms
 from observe_r1_train.rewards import BONUS_COEF, BONUS_MIN_LEN, BUILTINS, DEFAULT_COMPONENTS, REWARD_CLAMP
 
-# ours: the paper only says the hint tells the model the problem is hard and to verify its steps.
-DIFFICULTY_HINT = (
-    "This problem is difficult. Observe the image carefully, reason step by step, "
-    "and verify each step before giving the final answer."
-)
 KL_DEFAULTS = {
     "loss": ("k3", algorithms.KL_LOSS_COEF),
     "reward": ("k1", algorithms.KL_REWARD_COEF),
@@ -71,13 +66,11 @@ class DataConfig:
 class HintsConfig:
     """Stage-2 difficulty hints (difficulty prior, arXiv 2505.13261).
 
-    When enabled, a sample whose `difficulty >= difficulty_threshold`, or whose row has its own
-    `hint`, gets that row hint or else `text`, put before or after the question.
+    The data owns them: `observe-r1 ladder` (its `stages` step) writes the hint into the `hint` field
+    of the rows that get one. When enabled, a row's `hint` is put before or after its question.
     """
 
     enabled: bool = False
-    text: str = DIFFICULTY_HINT
-    difficulty_threshold: float = 0.75  # ours: at most 2 of 8 reference answers right
     position: Literal["prepend", "append"] = "prepend"
 
 
@@ -275,7 +268,6 @@ class TrainConfig(RunConfig):
         _check(0 < ro.top_p <= 1, "rollout.top_p", "must lie in (0, 1]")
         _check(ro.top_k >= 0, "rollout.top_k", "must be >= 0 (0: no cut)")
         _check(ro.repetition_penalty > 0, "rollout.repetition_penalty", "must be > 0 (1: none)")
-        _check(0 <= self.hints.difficulty_threshold <= 1, "hints.difficulty_threshold", "must lie in [0, 1]")
         _check(alg.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
         _check(bool(self.reward.components), "reward.components", "needs at least one reward")
         for spec in self.reward.components:

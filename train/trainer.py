@@ -30,7 +30,7 @@ from observe_r1.sampling import SamplingParams
 from observe_r1_train import algorithms
 from observe_r1_train import shared_prefix as sharing
 from observe_r1_train.config import TrainConfig
-from observe_r1_train.prompts import hint_for, prompt_text
+from observe_r1_train.prompts import prompt_text
 from observe_r1_train.rewards import compute_rewards
 from observe_r1_train.rollout import RolloutBatch, TransformersRollout
 from observe_r1_train.runner import Runner, StepResult, reference_model
@@ -90,10 +90,7 @@ class GRPOTrainer(Runner):
 
     def _rollout(self, samples: list[Sample]) -> RolloutBatch:
         hints = self.cfg.hints
-        prompts = [
-            prompt_text(s, hint_for(s, hints.enabled, hints.text, hints.difficulty_threshold), hints.position)
-            for s in samples
-        ]
+        prompts = [prompt_text(s, hints.enabled, hints.position) for s in samples]
         ro = self.cfg.rollout
         self.engine.module.eval()
         try:
