@@ -2,9 +2,13 @@
 
 The trainer talks to one small interface, `RolloutEngine` (docs/architecture.md: engines sit behind
 one small interface each), and never learns which engine runs. `TransformersRollout` samples with the policy
-object itself (CPU, tests, small runs); a vLLM engine implements the same three methods for GPU
-scale-out, loading the trainer's new weights in `update_weights`, and builds its prompts with the
-same `process_prompt`, so the update sees identical inputs whichever engine sampled.
+object itself (CPU, tests, small runs); `VLLMRollout` (train/vllm_rollout.py) implements the same three
+methods for GPU scale-out, loading the trainer's new weights in `update_weights`, and builds its prompts
+with the same `process_prompt`, so the update sees identical inputs whichever engine sampled.
+
+Sampling randomness is keyed to the sample: response j of sample s draws from a stream seeded by
+(`sampling.seed`, s.id, j), never from a stream shared by the batch, so a response is the same whichever
+rank samples it and whatever else is in its batch (2 ranks train exactly as 1 does).
 
 Every engine returns a `RolloutBatch` in group-contiguous order (response i answers prompt i // G)
 holding what the update needs: completion tokens and masks, plus the processed prompts (tokens,
@@ -14,33 +18,65 @@ pixels, image grids) from which `RolloutBatch.model_inputs` rebuilds prompt ⊕ 
 from __future__ import annotations
 
 import abc
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor
 
 from observe_r1.chat import build_messages, open_images
 from observe_r1.data import Sample
 from observe_r1.errors import InvalidValue
 from observe_r1.format import SYSTEM_PROMPT
-from observe_r1.modeling import position_ids
+from observe_r1.modeling import position_ids, tokenizer_of
+from observe_r1.row_sampler import sample_rows
 from observe_r1.sampling import SamplingParams, end_of_turn_ids, to_generation_config
 
 _PADDED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
 
+def takes_images(processor) -> bool:
+    """Whether `processor` is a multimodal one, not a text-only policy's tokenizer."""
+    return hasattr(processor, "image_processor")
+
+
+def keyed_seed(*parts) -> int:
+    """A 63-bit seed derived from `parts` (ints and strings), the same in every process and run (Python's
+    own `hash` of a string changes from process to process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def response_draws(seed: int, samples: list[Sample], group_size: int, steps: int) -> torch.Tensor:
+    """Uniform draws (N, steps) in [0, 1), one per decoding step, row i * G + j from the stream of
+    (seed, samples[i].id, j): what makes a response independent of its rank and batch."""
+    rows = []
+    for sample in samples:
+        for j in range(group_size):
+            generator = torch.Generator().manual_seed(keyed_seed(seed, sample.id, j))
+            rows.append(torch.rand(steps, generator=generator))
+    return torch.stack(rows)
+
+
 def process_prompt(processor, sample: Sample, prompt: str, system_prompt: str | None) -> dict:
     """One prompt through the chat template and processor, unbatched tensors of batch size 1.
 
     The caller decides `prompt` (e.g. the question plus a difficulty hint); the sample supplies the
-    images (local paths), which come first in the user turn, as Qwen expects.
+    images (local paths), which come first in the user turn, as Qwen expects. A text-only policy's
+    tokenizer takes no images; its prompts carry an all-zero `mm_token_type_ids` (no image placeholder),
+    so the update lays them out as it does multimodal ones.
     """
     images = open_images(sample.images)
+    if images and not takes_images(processor):
+        raise InvalidValue(f"sample {sample.id!r} has images, but the policy is a text-only model")
     messages = build_messages(prompt, len(images), system_prompt)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not takes_images(processor):
+        inputs = dict(processor(text=[text], return_tensors="pt"))
+        return {**inputs, "mm_token_type_ids": torch.zeros_like(inputs["input_ids"])}
     return dict(processor(text=[text], images=images or None, return_tensors="pt"))
 
 
