@@ -9,7 +9,7 @@ request. A lone client (the previous batch had one row and nothing else is pendi
 With `prefix_cache` (the default), a batch starts from the cached keys and values of the system turn
 its rows share (`observe_r1_serve.batch_inputs.PrefixCache`), so only the rest of each prompt is prefilled.
 Two hooks make one shared call behave like separate requests:
-- `_RowSampler` (a logits processor) samples all rows in one vectorised pass (`observe_r1.row_sampler`),
+- `_RowSampler` (a logits processor) samples all rows in one vectorised pass (`observe_r1_serve.sampling`),
   each with its own temperature, top-p and seeded random stream, so a request's output does not
   depend on its batch neighbours;
 - `_RowMonitor` (a stopping criterion) sees each new token, streams it to its request (a step's
@@ -53,7 +53,7 @@ from observe_r1_serve.engine import (
     coalesce,
 )
 from observe_r1_serve.image_rules import ImageRules
-from observe_r1.row_sampler import apply_repetition_penalty, sample_rows
+from observe_r1_serve.sampling import apply_repetition_penalty, sample_rows
 
 log = logging.getLogger("observe_r1.serve")
 
@@ -107,7 +107,7 @@ class _Row:
 
 
 class _RowSampler(LogitsProcessor):
-    """Chooses every row's next token itself (`observe_r1.row_sampler.sample_rows`, each row with its
+    """Chooses every row's next token itself (`observe_r1_serve.sampling.sample_rows`, each row with its
     own settings and random stream) and returns logits that make greedy decoding pick it."""
 
     def __init__(self, rows: list[_Row], pad_id: int, device: torch.device):

@@ -1,4 +1,4 @@
-"""The batched sampler of the transformers engine (`observe_r1.row_sampler`) and the delta merging of
+"""The batched sampler of the transformers engine (`observe_r1_serve.sampling`) and the delta merging of
 `observe_r1_serve.engine.coalesce`."""
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from observe_r1.row_sampler import sample_rows
 from observe_r1_serve.engine import ChoiceDelta, coalesce
+from observe_r1_serve.sampling import sample_rows
 
 
 def quantile_draws(logits: list[float], temperature: float, top_p: float, n: int = 4000) -> torch.Tensor:

@@ -3,10 +3,6 @@ temperature, top-k, top-p, repetition penalty) and random draw.
 
 One vectorised pass over the whole batch: on a 152k-token vocabulary a per-row loop of softmax and
 `torch.multinomial` costs about 5 ms a row on a CPU, more than a decoding step of a small model.
-A row's token depends only on its own logits, settings and draw, never on its batch: the server's
-transformers engine gives each request its own seeded stream, and the training rollout each response
-a stream keyed to its sample (train/rollout.py), so a response is the same whatever rank or batch
-it is sampled in.
 """
 
 from __future__ import annotations
