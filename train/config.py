@@ -75,9 +75,24 @@ class HintsConfig:
 
 
 @dataclass
+class VLLMRolloutConfig:
+    """The colocated vLLM engine (`rollout.engine: vllm`, train/vllm_rollout.py)."""
+
+    gpu_memory_utilization: float = 0.6  # authors: --vllm_gpu_memory_utilization 0.6 (share left to vLLM)
+    enable_prefix_caching: bool = True  # reset after every weight push
+    enforce_eager: bool | None = None  # None: eager on CPU (no compilation), CUDA graphs on GPU
+    sleep: bool = True  # authors: sleep mode; offload between rollouts where the platform has it (CUDA)
+    max_num_seqs: int = 256
+    block_size: int | None = None  # None: vLLM's default (the CPU backend needs a multiple of 32)
+    cpu_kv_cache_gib: int = 4  # CPU build only: the KV cache's size (VLLM_CPU_KVCACHE_SPACE)
+    engine_args: dict[str, Any] = field(default_factory=dict)  # any other `vllm.LLM` argument
+
+
+@dataclass
 class RolloutConfig:
-    # auto: transformers, the one rollout engine so far; vLLM and its options come with issue 16 (scale-out)
-    engine: Literal["auto", "transformers"] = "auto"
+    # auto: vllm where CUDA and vLLM are both present, else transformers
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    vllm: VLLMRolloutConfig = field(default_factory=VLLMRolloutConfig)
     group_size: int = 8
     prompts_per_step: int = 128  # all ranks together
     # Rollouts sample with exactly these, whatever the checkpoint's generation config says; the export
@@ -268,6 +283,10 @@ class TrainConfig(RunConfig):
         _check(0 < ro.top_p <= 1, "rollout.top_p", "must lie in (0, 1]")
         _check(ro.top_k >= 0, "rollout.top_k", "must be >= 0 (0: no cut)")
         _check(ro.repetition_penalty > 0, "rollout.repetition_penalty", "must be > 0 (1: none)")
+        gpu_share = ro.vllm.gpu_memory_utilization
+        _check(
+            0 < gpu_share <= 1, "rollout.vllm.gpu_memory_utilization", f"must lie in (0, 1], got {gpu_share}"
+        )
         _check(alg.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
         _check(bool(self.reward.components), "reward.components", "needs at least one reward")
         for spec in self.reward.components:
