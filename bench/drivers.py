@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from workload import QUESTION, chat_body
+from workload import QUESTION
 
 from observe_r1.chat import build_messages
 
@@ -249,17 +249,14 @@ class LevelRun:
 
 async def run_level(
     base: str,
-    model: str,
-    image_url: str,
+    body: Callable[[int], dict],
     concurrency: int,
     n: int,
-    max_tokens: int,
     timeout_s: float,
-    seed0: int,
     sample_running: bool,
 ) -> LevelRun:
-    """`n` requests from `concurrency` closed-loop clients (each sends its next request as soon as
-    its previous one ends)."""
+    """`n` requests, `body(0)` to `body(n - 1)`, from `concurrency` closed-loop clients (each sends
+    its next request as soon as its previous one ends)."""
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
@@ -268,9 +265,7 @@ async def run_level(
 
         async def worker() -> None:
             for i in next_index:
-                results.append(
-                    await one_request(client, url, chat_body(model, image_url, seed0 + i, max_tokens))
-                )
+                results.append(await one_request(client, url, body(i)))
 
         running: list[float] = []
         sampler = asyncio.create_task(_sample_running(client, base, running)) if sample_running else None

@@ -50,7 +50,7 @@ from drivers import (
     summarize,
 )
 from report import plot, render_markdown, seconds, targets
-from workload import CONCURRENCY, make_image, png_data_url
+from workload import CONCURRENCY, chat_body, make_image, png_data_url
 
 from observe_r1.io import atomic_dir, atomic_write_text
 
@@ -180,19 +180,10 @@ def start_setup(
 def drive(
     setup: Setup, base: str, image_url: str, args: argparse.Namespace, concurrency: int, n: int, seed0: int
 ) -> LevelRun:
-    return asyncio.run(
-        run_level(
-            base,
-            setup.model,
-            image_url,
-            concurrency,
-            n,
-            args.max_tokens,
-            args.request_timeout,
-            seed0,
-            setup.sample_running,
-        )
-    )
+    def body(i: int) -> dict:
+        return chat_body(setup.model, image_url, seed0 + i, args.max_tokens)
+
+    return asyncio.run(run_level(base, body, concurrency, n, args.request_timeout, setup.sample_running))
 
 
 def run_level_everywhere(

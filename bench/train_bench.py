@@ -1,15 +1,25 @@
 """Training step throughput: `observe-r1 train` against TRL's GRPOTrainer, same model, data and settings.
 
-    .venv/bin/python bench/train_bench.py [--out DIR] [--prompts 2] [--steps 4] [--skip-trl]
+    .venv/bin/python bench/train_bench.py [--out DIR] [--settings image-heavy text-heavy] [--steps 4]
+        [--rounds 1] [--skip-trl] [--skip-per-sample]
 
-Builds the `small` model (31M parameters) and synthetic problems with images of `--image-size`
-pixels, then runs `--steps` GRPO steps with each trainer in its own process: `--prompts` prompts
-x `--group` completions of exactly `--new-tokens` tokens at most (random weights rarely stop
-early; the mean lengths are reported), one optimizer update per step in micro-batches of
-`--micro-batch`, fp32, no gradient checkpointing, no reference model (beta 0), token-mean loss,
-the same accuracy and format rewards. The first `--warmup` steps are left out of the means.
+Builds the `small` model (31M parameters) and synthetic problems, then at each setting runs `--steps`
+GRPO steps with three trainers, each in its own process: ours (the shared-prefix update), ours with
+the per-sample update (`optim.shared_prefix=false`), and TRL's GRPOTrainer. The settings:
 
-Writes results.json, results.md and steps.png to the output folder, atomically.
+- image-heavy: 448 px images (256 image tokens, prompts of about 420 tokens), 64 new tokens;
+- text-heavy: 56 px images (4 image tokens), 256 new tokens.
+
+Both: `--prompts` prompts x `--group` completions per step, one optimizer update per step in
+micro-batches of `--micro-batch`, fp32, no gradient checkpointing, no reference model (beta 0),
+token-mean loss, temperature 1, the same accuracy and format rewards. The first `--warmup` steps of
+each run are left out. `--rounds` repeats the three runs of a setting in turn (A B C A B C), so that
+a drift of the machine's speed reaches every trainer alike.
+
+Per trainer: seconds per step, generated tokens per second, the step split into rollout (generation
+and rewards: ours `time/rollout_s + time/reward_s`, TRL's `_generate_and_score_completions`) and
+update (the rest), and the process's peak resident memory (the kernel's accounting of the finished
+child, `wait4`). Writes results.json, results.md and steps.png to the output folder, atomically.
 """
 
 from __future__ import annotations
@@ -17,10 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,37 +42,71 @@ sys.path.insert(0, str(ROOT))
 from observe_r1.io import atomic_write_text  # noqa: E402
 
 
+@dataclass(frozen=True)
+class Setting:
+    image_size: int
+    new_tokens: int
+    trl_target: float  # ours / TRL steps per second, at least (issue 17)
+
+
+SETTINGS = {
+    "image-heavy": Setting(image_size=448, new_tokens=64, trl_target=3.0),
+    "text-heavy": Setting(image_size=56, new_tokens=256, trl_target=1.0),
+}
+TRAINERS = {
+    "ours": "observe-r1 train (shared prefix)",
+    "ours-per-sample": "observe-r1 train (per-sample update)",
+    "trl": "TRL GRPOTrainer",
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "train")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--group", type=int, default=8, help="completions per prompt")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--skip-trl", action="store_true")
-    p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--skip-per-sample", action="store_true")
+    p.add_argument("--trl-worker", choices=list(SETTINGS), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
+def prepare(args: argparse.Namespace, setting: Setting) -> tuple[Path, Path]:
     """The small model and `prompts x steps` synthetic problems (built once, reused by later runs)."""
     from observe_r1 import synth, tiny_model
 
     model = args.out / "model"
     if not (model / "config.json").is_file():
         tiny_model.build(model, size="small", seed=0, overwrite=True)
-    data = args.out / f"data-{args.image_size}px"
+    data = args.out / f"data-{setting.image_size}px"
     n = args.prompts * args.steps
     if not (data / "data.jsonl").is_file() or len((data / "data.jsonl").read_text().splitlines()) != n:
-        synth.generate(data, n=n, seed=0, image_size=args.image_size, overwrite=True, progress=False)
+        synth.generate(data, n=n, seed=0, image_size=setting.image_size, overwrite=True, progress=False)
     return model, data / "data.jsonl"
 
 
-def run_ours(args: argparse.Namespace, model: Path, data: Path) -> dict:
-    out = args.out / "ours"
+def run_process(command: list[str]) -> tuple[str, float]:
+    """Run `command`; its standard output and its peak resident memory in GiB, from the kernel's
+    accounting of the reaped child (`wait4`; Linux counts KiB)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(command[:5])} failed ({proc.returncode}):\n{err.read()[-4000:]}")
+        return out.read(), usage.ru_maxrss / 2**20
+
+
+def run_ours(args: argparse.Namespace, setting: Setting, shared_prefix: bool) -> dict:
+    model, data = prepare(args, setting)
+    out = args.out / ("ours" if shared_prefix else "ours-per-sample")
     overrides = [
         f"model.path={model}",
         f"data.paths=[{data}]",
@@ -72,9 +119,10 @@ def run_ours(args: argparse.Namespace, model: Path, data: Path) -> dict:
         "model.gradient_checkpointing=false",
         f"rollout.prompts_per_step={args.prompts}",
         f"rollout.group_size={args.group}",
-        f"rollout.max_new_tokens={args.new_tokens}",
+        f"rollout.max_new_tokens={setting.new_tokens}",
         f"optim.train_batch={args.prompts * args.group}",
         f"optim.micro_batch={args.micro_batch}",
+        f"optim.shared_prefix={str(shared_prefix).lower()}",
         "optim.lr=1e-6",
         "optim.warmup_ratio=0",
         f"max_steps={args.steps}",
@@ -82,28 +130,22 @@ def run_ours(args: argparse.Namespace, model: Path, data: Path) -> dict:
         "reward.components={accuracy: 1.0, format: 1.0}",
     ]
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
-    command = [
-        sys.executable,
-        "-m",
-        "observe_r1.cli",
-        "train",
-        "--config",
-        str(ROOT / "train/configs/tiny_cpu.yaml"),
-    ]
-    subprocess.run([*command, "--no-progress", *overrides], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    config = str(ROOT / "train/configs/tiny_cpu.yaml")
+    command = [sys.executable, "-m", "observe_r1.cli", "train", "--config", config, "--no-progress"]
+    _, peak = run_process([*command, *overrides])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rollout = [r["time/rollout_s"] + r["time/reward_s"] for r in rows]
     return {
         "step_seconds": [r["time/step_s"] for r in rows],
-        "rollout_seconds": [r["time/rollout_s"] for r in rows],
-        "update_seconds": [r["time/update_s"] for r in rows],
-        "completion_length": statistics.mean(r["response_length/mean"] for r in rows),
+        "rollout_seconds": rollout,
+        "update_seconds": [r["time/step_s"] - t for r, t in zip(rows, rollout, strict=True)],
+        "completion_length": [r["response_length/mean"] for r in rows],
+        "peak_rss_gib": peak,
     }
 
 
-def trl_worker(args: argparse.Namespace) -> None:
+def trl_worker(args: argparse.Namespace, setting: Setting) -> None:
     """Run TRL's GRPOTrainer here (a separate process) and print its per-step times as JSON."""
     from datasets import Dataset
     from PIL import Image
@@ -116,7 +158,7 @@ def trl_worker(args: argparse.Namespace) -> None:
     from observe_r1.modeling import load_model, load_processor
     from observe_r1_train.rewards import format_reward
 
-    model_dir, data = prepare(args)
+    model_dir, data = prepare(args, setting)
     samples = load_samples(data)
     text = lambda t: {"type": "text", "text": t}  # noqa: E731
     dataset = Dataset.from_dict(
@@ -151,7 +193,7 @@ def trl_worker(args: argparse.Namespace) -> None:
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.marks, self.lengths = [], []
+            self.marks, self.lengths, self.rollout = [], [], []
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.marks.append(time.perf_counter())
@@ -169,7 +211,7 @@ def trl_worker(args: argparse.Namespace) -> None:
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=responses // args.micro_batch,
         num_generations=args.group,
-        max_completion_length=args.new_tokens,
+        max_completion_length=setting.new_tokens,
         temperature=1.0,
         top_p=1.0,
         top_k=0,
@@ -198,60 +240,104 @@ def trl_worker(args: argparse.Namespace) -> None:
         processing_class=load_processor(model_dir),
         callbacks=[timer],
     )
+    # Generation and rewards: TRL does both in this method, once per optimizer step here.
+    generate_and_score = trainer._generate_and_score_completions
+
+    def timed(*a, **kw):
+        started = time.perf_counter()
+        try:
+            return generate_and_score(*a, **kw)
+        finally:
+            timer.rollout.append(time.perf_counter() - started)
+
+    trainer._generate_and_score_completions = timed
     trainer.train()
     steps = [b - a for a, b in zip(timer.marks, timer.marks[1:], strict=False)]
-    print(
-        "TRL-RESULT "
-        + json.dumps({"step_seconds": steps, "completion_length": statistics.mean(timer.lengths)})
-    )
+    result = {
+        "step_seconds": steps,
+        "rollout_seconds": timer.rollout,
+        "update_seconds": [s - r for s, r in zip(steps, timer.rollout, strict=True)],
+        "completion_length": timer.lengths,
+    }
+    print("TRL-RESULT " + json.dumps(result))
 
 
-def run_trl(args: argparse.Namespace) -> dict:
-    argv = [a for a in sys.argv[1:] if a != "--skip-trl"]
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--trl-worker", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("TRL-RESULT ")), None)  # noqa: E741
-    if proc.returncode or line is None:
-        raise RuntimeError(f"the TRL run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(line.removeprefix("TRL-RESULT "))
+def run_trl(args: argparse.Namespace, name: str) -> dict:
+    argv = [a for a in sys.argv[1:] if a not in ("--skip-trl", "--skip-per-sample")]
+    out, peak = run_process([sys.executable, str(Path(__file__).resolve()), *argv, "--trl-worker", name])
+    line = next((l for l in out.splitlines() if l.startswith("TRL-RESULT ")), None)  # noqa: E741
+    if line is None:
+        raise RuntimeError(f"the TRL run printed no result:\n{out[-4000:]}")
+    return {**json.loads(line.removeprefix("TRL-RESULT ")), "peak_rss_gib": peak}
 
 
-def summarise(result: dict, warmup: int) -> dict:
-    timed = result["step_seconds"][warmup:] or result["step_seconds"]
-    mean = statistics.mean(timed)
-    return {**result, "mean_step_seconds": mean, "steps_per_second": 1 / mean}
+def summarise(runs: list[dict], warmup: int, responses: int) -> dict:
+    """Means over every round's steps after the first `warmup` of each run."""
+
+    def timed(key: str) -> list[float]:
+        return [x for run in runs for x in (run[key][warmup:] or run[key])]
+
+    step = statistics.mean(timed("step_seconds"))
+    length = statistics.mean(timed("completion_length"))
+    return {
+        "runs": runs,
+        "step_seconds": step,
+        "steps_per_second": 1 / step,
+        "rollout_seconds": statistics.mean(timed("rollout_seconds")),
+        "update_seconds": statistics.mean(timed("update_seconds")),
+        "completion_length": length,
+        "tokens_per_second": length * responses / step,
+        "peak_rss_gib": max(run["peak_rss_gib"] for run in runs),
+    }
+
+
+def ratios(setting: Setting, trainers: dict) -> dict:
+    """ours / TRL in steps per second (the target), and the update's speed-up from the shared prefix."""
+    out = {}
+    if "trl" in trainers:
+        value = trainers["ours"]["steps_per_second"] / trainers["trl"]["steps_per_second"]
+        out["ours_over_trl"] = {
+            "value": value,
+            "target": setting.trl_target,
+            "met": value >= setting.trl_target,
+        }
+    if "ours-per-sample" in trainers:
+        per_sample, shared = trainers["ours-per-sample"], trainers["ours"]
+        out["update_speedup"] = per_sample["update_seconds"] / shared["update_seconds"]
+        out["step_speedup"] = per_sample["step_seconds"] / shared["step_seconds"]
+    return out
 
 
 def report(args: argparse.Namespace, results: dict) -> str:
     lines = [
-        f"Training step throughput: small model, {args.image_size}x{args.image_size} images, {args.prompts} prompts"
-        f" x {args.group} completions of <= {args.new_tokens} tokens, micro-batch {args.micro_batch}, fp32,"
-        f" {args.steps} steps ({args.warmup} warm-up left out), load average before start"
-        f" {results['load_average']:.2f}.",
+        f"GRPO step throughput, small model (31M), {args.prompts} prompts x {args.group} completions per step,"
+        f" micro-batch {args.micro_batch}, fp32, {args.steps} steps per run ({args.warmup} warm-up left out),"
+        f" {args.rounds} round(s); load average before start {results['load_average']:.2f}.",
         "",
-        "| trainer | s/step | steps/s | mean completion tokens |",
-        "| --- | ---: | ---: | ---: |",
+        "| setting | trainer | s/step | generated tok/s | rollout s | update s | peak RSS GiB | mean completion tokens |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in ("ours", "trl"):
-        if name in results:
-            r = results[name]
+    for name, block in results["settings"].items():
+        for key, r in block["trainers"].items():
             lines.append(
-                f"| {name} | {r['mean_step_seconds']:.2f} | {r['steps_per_second']:.4f} | {r['completion_length']:.1f} |"
+                f"| {name} | {TRAINERS[key]} | {r['step_seconds']:.2f} | {r['tokens_per_second']:.1f}"
+                f" | {r['rollout_seconds']:.2f} | {r['update_seconds']:.2f} | {r['peak_rss_gib']:.2f}"
+                f" | {r['completion_length']:.1f} |"
             )
-    if "trl" in results:
-        ratio = results["ours"]["steps_per_second"] / results["trl"]["steps_per_second"]
-        results["ratio"] = ratio
-        lines += ["", f"ours / TRL steps per second: {ratio:.2f}x (target >= 1.5x)"]
-    ours = results["ours"]
-    lines.append(
-        f"ours, per step after warm-up: rollout {statistics.mean(ours['rollout_seconds'][args.warmup :] or ours['rollout_seconds']):.2f} s,"
-        f" update {statistics.mean(ours['update_seconds'][args.warmup :] or ours['update_seconds']):.2f} s"
-    )
+    lines.append("")
+    for name, block in results["settings"].items():
+        r = block["ratios"]
+        if "ours_over_trl" in r:
+            t = r["ours_over_trl"]
+            verdict = "met" if t["met"] else "NOT met"
+            lines.append(
+                f"- {name}: ours / TRL steps per second {t['value']:.2f}x (target >= {t['target']:g}x, {verdict})"
+            )
+        if "update_speedup" in r:
+            lines.append(
+                f"- {name}: the shared prefix speeds the update up {r['update_speedup']:.2f}x"
+                f" (the whole step {r['step_speedup']:.2f}x)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -261,13 +347,19 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("ours", "trl") if n in results]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(
-        names, [results[n]["mean_step_seconds"] for n in names], color=["tab:blue", "tab:gray"][: len(names)]
-    )
-    ax.set_ylabel("seconds per GRPO step")
-    ax.set_title("GRPO step time (lower is better)")
+    names = list(results["settings"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        trainers = results["settings"][name]["trainers"]
+        labels = list(trainers)
+        rollout = [trainers[k]["rollout_seconds"] for k in labels]
+        update = [trainers[k]["update_seconds"] for k in labels]
+        ax.bar(labels, rollout, color="tab:gray", label="rollout")
+        ax.bar(labels, update, bottom=rollout, color="tab:blue", label="update")
+        ax.set_title(name)
+        ax.set_ylabel("seconds per GRPO step")
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0][0].legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -278,16 +370,37 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.trl_worker:
-        trl_worker(args)
+        trl_worker(args, SETTINGS[args.trl_worker])
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"load_average": os.getloadavg()[0], "settings": {k: str(v) for k, v in vars(args).items()}}
-    model, data = prepare(args)
-    print(f"train_bench: ours ({args.steps} steps) ...", flush=True)
-    results["ours"] = summarise(run_ours(args, model, data), args.warmup)
+    results = {
+        "load_average": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "arguments": {k: str(v) for k, v in vars(args).items()},
+        "settings": {},
+    }
+    runners = {"ours": lambda s, n: run_ours(args, s, True)}
+    if not args.skip_per_sample:
+        runners["ours-per-sample"] = lambda s, n: run_ours(args, s, False)
     if not args.skip_trl:
-        print(f"train_bench: TRL GRPOTrainer ({args.steps} steps) ...", flush=True)
-        results["trl"] = summarise(run_trl(args), args.warmup)
+        runners["trl"] = lambda s, n: run_trl(args, n)
+    for name in args.settings:
+        setting = SETTINGS[name]
+        prepare(args, setting)
+        runs: dict[str, list[dict]] = {key: [] for key in runners}
+        for round_ in range(args.rounds):
+            for key, run in runners.items():
+                print(f"train_bench: {name}, {TRAINERS[key]}, round {round_ + 1}", flush=True)
+                runs[key].append(run(setting, name))
+        trainers = {k: summarise(v, args.warmup, args.prompts * args.group) for k, v in runs.items()}
+        results["settings"][name] = {
+            "image_size": setting.image_size,
+            "new_tokens": setting.new_tokens,
+            "trainers": trainers,
+            "ratios": ratios(setting, trainers),
+        }
     text = report(args, results)
     atomic_write_text(args.out / "results.md", text)
     atomic_write_text(args.out / "results.json", json.dumps(results, indent=2))

@@ -35,23 +35,20 @@ def png_data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def chat_body(model: str, image_url: str, seed: int, max_tokens: int) -> dict:
-    """One streamed request. The system prompt is sent explicitly so every server (ours would add it
-    itself, the peer would not) sees the same prompt as the in-process run."""
+def chat_body(model: str, image_url: str | None, seed: int, max_tokens: int) -> dict:
+    """One streamed request (text only when `image_url` is None). The system prompt is sent
+    explicitly so every server (ours would add it itself, the peers would not) sees the same prompt
+    as the in-process run; temperature 1 and top_p 1 are sent so that no server's defaults apply."""
+    image = [{"type": "image_url", "image_url": {"url": image_url}}] if image_url else []
     return {
         "model": model,
         "messages": [
             {"role": "system", "content": SYSTEM_PROMPT},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image_url}},
-                    {"type": "text", "text": QUESTION},
-                ],
-            },
+            {"role": "user", "content": [*image, {"type": "text", "text": QUESTION}]},
         ],
         "max_tokens": max_tokens,
         "temperature": 1.0,
+        "top_p": 1.0,
         "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},

@@ -38,7 +38,12 @@ def _synth_data(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     path = synth.generate(
-        args.dir, n=args.n, seed=args.seed, image_size=args.image_size, overwrite=args.force
+        args.dir,
+        n=args.n,
+        seed=args.seed,
+        image_size=args.image_size,
+        overwrite=args.force,
+        families=args.families,
     )
     print(f"wrote {args.n} samples to {path} in {time.perf_counter() - start:.1f}s")
 
@@ -110,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument(
+        "--families",
+        default="reasoning",
+        help="a preset (reasoning: counting, digits, bars, clocks, comparing counts; perception: colour, side,"
+        " larger; all) or comma-separated family names",
+    )
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.set_defaults(func=_synth_data)
 

@@ -324,3 +324,9 @@ def test_both_commands_check_paths_before_loading(stage, tmp_path):
     args = parser.parse_args(["--config", str(write(tmp_path, MINIMAL))])
     with pytest.raises(ConfigError, match=r"data.paths\[0\]: no such file: d.jsonl"):
         cli.run(args, stage)
+
+
+def test_stage_two_of_the_difficulty_prior_starts_from_stage_ones_export():
+    stage1 = load_training_config(CONFIGS / "difficulty_prior_stage1.yaml")
+    stage2 = load_training_config(CONFIGS / "difficulty_prior_stage2.yaml")
+    assert Path(stage2.model.path) == Path(stage1.checkpoint.output_dir) / "model"

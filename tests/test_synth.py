@@ -13,6 +13,7 @@ import pytest
 
 from observe_r1 import synth
 from observe_r1.data import load_samples
+from observe_r1.synth import draw as synth_draw
 
 SIZE = 224
 SEEDS = range(8)
@@ -59,9 +60,13 @@ def _glyphs(size: int) -> dict[tuple[int, int], list[tuple[int, np.ndarray]]]:
     """Each digit rendered alone at `size`, keyed by its bitmap's shape for a quick lookup."""
     by_shape: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     for digit in range(10):
-        image, draw = synth._canvas(size * 3)
+        image, draw = synth_draw.canvas(size * 3)
         draw.text(
-            (size * 3 // 2, size * 3 // 2), str(digit), fill=synth.INK, font=synth._font(size), anchor="mm"
+            (size * 3 // 2, size * 3 // 2),
+            str(digit),
+            fill=synth.INK,
+            font=synth_draw.font(size),
+            anchor="mm",
         )
         (crop,) = _components(_mask(image, synth.INK))
         by_shape.setdefault(crop.shape, []).append((digit, crop))
@@ -78,7 +83,7 @@ def _read_digit(crop: np.ndarray) -> int:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "data"
-    return synth.generate(out, 40, seed=3, image_size=SIZE, progress=False)
+    return synth.generate(out, 40, seed=3, image_size=SIZE, progress=False, families="all")
 
 
 def _rows(path) -> list[dict]:
@@ -113,17 +118,20 @@ def test_every_family_and_level_appears_and_answers_have_their_stated_form(datas
     rows = _rows(dataset)
     assert {r["source"] for r in rows} == {f"synth/{f}" for f in synth.FAMILIES}
     assert len(synth.FAMILIES) >= 4 and {r["level"] for r in rows} == set(synth.LEVELS)
-    assert len(Counter((r["source"], r["level"]) for r in rows[:25])) == 25
+    assert len(Counter((r["source"], r["level"]) for r in rows)) == 5 * len(synth.FAMILIES) == 40
     kinds = Counter()
     for row in rows:
         if "choices" in row:
             kinds["mc"] += 1
             option = _option(row["answer"], row["choices"])
             assert f"{row['answer']}. {option}" in row["question"] and synth.LETTER_HINT in row["question"]
+        elif row["source"].removeprefix("synth/") in synth.PERCEPTION_FAMILIES:
+            kinds["word"] += 1
+            assert re.fullmatch(r"[a-z]+", row["answer"]) and "Answer" in row["question"]
         else:
             kinds["numeric"] += 1
             assert re.fullmatch(r"\d+", row["answer"]) and synth.NUMBER_HINT in row["question"]
-    assert kinds["mc"] and kinds["numeric"]
+    assert kinds["mc"] and kinds["numeric"] and kinds["word"]
 
 
 def _tree(root) -> dict[str, bytes]:
@@ -232,7 +240,7 @@ def _hands_match(image, hour: int, minute: int) -> bool:
     centre, radius = SIZE / 2, SIZE * 0.45
 
     def hand_at(color, fraction: float, turns: float) -> bool:
-        x, y = (round(v) for v in synth._hand_end(centre, radius, fraction, turns))
+        x, y = (round(v) for v in synth_draw.hand_end(centre, radius, fraction, turns))
         return bool(_mask(pixels[y - 1 : y + 2, x - 1 : x + 2], color).any())
 
     hour_turns = ((hour % 12) + minute / 60) / 12
@@ -253,3 +261,65 @@ def test_clock_answers_match_the_hands_and_no_distractor_does():
                 option,
                 correct,
             )
+
+
+def _coloured(image) -> dict[str, np.ndarray]:
+    """Each palette colour present in the image (gray and the background left out) with its mask."""
+    masks = {name: _mask(image, rgb) for name, rgb in synth.PALETTE.items() if name != "gray"}
+    return {name: m for name, m in masks.items() if m.any()}
+
+
+def test_colour_answers_name_the_one_coloured_shape():
+    sizes = {}
+    for level, (image, question, answer, choices) in _cases("colour"):
+        coloured = _coloured(image)
+        assert choices is None and list(coloured) == [answer], (level, question)
+        assert len(_components(coloured[answer])) == 1
+        gray = len(_components(_mask(image, synth.PALETTE["gray"])))
+        assert ("not gray" in question) == (gray > 0)
+        sizes.setdefault(level, []).append(int(coloured[answer].sum()))
+    means = [np.mean(sizes[level]) for level in synth.LEVELS]
+    assert means == sorted(means, reverse=True)  # smaller targets at higher levels
+
+
+def test_side_answers_match_where_the_named_shape_lies():
+    gaps = {}
+    for level, (image, question, answer, choices) in _cases("side"):
+        colour = re.match(r"Is the (\w+) shape in the left", question).group(1)
+        xs = np.argwhere(_mask(image, synth.PALETTE[colour]))[:, 1]
+        middle = SIZE / 2
+        assert choices is None and answer == ("left" if xs.max() < middle else "right"), (level, question)
+        assert xs.max() < middle or xs.min() >= middle  # wholly in one half
+        gaps.setdefault(level, []).append(min(abs(xs.max() - middle), abs(xs.min() - middle)))
+    means = [np.mean(gaps[level]) for level in synth.LEVELS]
+    assert means[0] > means[2] > means[4]  # nearer the middle line at higher levels
+
+
+def test_larger_answers_match_the_measured_areas():
+    ratios = {}
+    for level, (image, question, answer, choices) in _cases("larger"):
+        a, b = re.match(r"Which shape is larger, the (\w+) one or the (\w+) one", question).groups()
+        area = {c: int(_mask(image, synth.PALETTE[c]).sum()) for c in (a, b)}
+        assert choices is None and answer in (a, b) and area[answer] > area[b if answer == a else a], (
+            level,
+            area,
+        )
+        ratios.setdefault(level, []).append(area[answer] / min(area.values()))
+    means = [np.mean(ratios[level]) for level in synth.LEVELS]
+    assert means == sorted(means, reverse=True) and means[-1] < 1.5  # closer sizes at higher levels
+
+
+def test_families_are_chosen_by_preset_or_name_and_the_default_is_unchanged(tmp_path):
+    perception = load_samples(synth.generate(tmp_path / "p", 15, families="perception", progress=False))
+    assert [s.source for s in perception[:3]] == ["synth/colour", "synth/side", "synth/larger"]
+    assert {(s.source, s.level) for s in perception} == {
+        (f"synth/{f}", lv) for f in synth.PERCEPTION_FAMILIES for lv in synth.LEVELS
+    }
+    mixed = load_samples(synth.generate(tmp_path / "m", 4, families="clock,colour", progress=False))
+    assert [s.source for s in mixed] == ["synth/clock", "synth/colour"] * 2
+    default = load_samples(synth.generate(tmp_path / "d", 5, progress=False))
+    assert [s.source for s in default] == [f"synth/{f}" for f in synth.REASONING_FAMILIES]
+    for bad in ("colour,colour", "nope", ""):
+        with pytest.raises(ValueError, match="families"):
+            synth.generate(tmp_path / "bad", 3, families=bad, progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -77,6 +77,19 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_model(folder).state_dict()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def stale_extension_locks(tmp_path_factory):
+    """Every run here meets the lock file that a process killed while loading a JIT-compiled op
+    leaves in torch's extension cache ($TORCH_EXTENSIONS_DIR/<op>/lock). A trainer that took
+    DeepSpeed's CPU shared-memory op would wait on it forever."""
+    root = tmp_path_factory.mktemp("torch-extensions")
+    (root / "deepspeed_shm_comm").mkdir()
+    (root / "deepspeed_shm_comm" / "lock").touch()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+        yield
+
+
 @pytest.fixture(scope="module")
 def zero2_run(qwen_like_model_dir, synth_dir, tmp_path_factory):
     """One ZeRO-2 run of 3 steps, saving every 2 steps and at the end, keeping the last 1, from a base

@@ -179,6 +179,10 @@ class OptimConfig:
     grad_clip: float = 1.0
     train_batch: int = 64  # responses per optimizer update, all ranks together
     micro_batch: int = 2  # responses per forward/backward on one rank
+    # GRPO's update: each prompt of a micro-batch runs once (vision tower and language model) and its
+    # responses attend to it (train/shared_prefix.py), exactly the per-sample forward and gradients.
+    # null: on when exact for the model; true: refuse a model where it is not; false: per sample.
+    shared_prefix: bool | None = None
     epochs: int = 1  # passes over the data
 
 

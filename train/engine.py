@@ -47,6 +47,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _skip_shared_memory_op() -> None:
+    """Keep DeepSpeed's CPU communication backend from JIT-compiling its shared-memory all-reduce.
+
+    Every CPU process group would otherwise compile (30-120 s on 2 cores, again for every new venv
+    path) and load the op under torch's file lock in ~/.cache/torch_extensions; a process killed
+    while it holds that lock (Ctrl-C during start-up, a timeout) leaves the file behind and every
+    later run waits on it forever. The op only speeds up all-reduce between CPU ranks of one host,
+    which gloo does correctly; GPU runs use NCCL and never build it. DeepSpeed reads this table of
+    compatible ops before it builds one.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or, for a plain `python` run, create) the process group; returns (rank, world size).
 
@@ -56,6 +74,8 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    if not torch.cuda.is_available():
+        _skip_shared_memory_op()
     if not dist.is_initialized():
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)

@@ -27,6 +27,7 @@ from observe_r1.errors import InvalidValue
 from observe_r1.format import SYSTEM_PROMPT
 from observe_r1.modeling import position_ids
 from observe_r1.sampling import SamplingParams, end_of_turn_ids, to_generation_config
+from observe_r1_train import shared_prefix as sharing
 
 _PADDED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw")
@@ -130,10 +131,7 @@ class RolloutBatch:
         `<|image_pad|>` in a completion stays the ordinary token that `generate` saw. Call this
         under the same grad mode and autocast as the forward.
         """
-        rows = slice(None) if rows is None else rows
-        rows = list(range(len(self.texts))[rows] if isinstance(rows, slice) else rows)
-        if not rows:
-            raise ValueError("model_inputs needs at least one row")
+        rows = self._rows(rows)
         prompts = [self.prompt_inputs[r // self.group_size] for r in rows]
         batch = _collate(prompts, self.pad_id, image_keys=("image_grid_thw",))
         start = batch["input_ids"].shape[1]
@@ -142,20 +140,78 @@ class RolloutBatch:
         batch["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
         batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids)], 1)
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        embeds = model.get_input_embeddings()(batch["input_ids"])
-        if "image_grid_thw" in batch:
-            placeholders = (batch["mm_token_type_ids"] == 1)[..., None]
-            embeds = embeds.masked_scatter(placeholders, self._image_features(model, rows).to(embeds.dtype))
-        inputs = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}
+        inputs = {
+            "inputs_embeds": self._embeddings(model, batch, rows),
+            "attention_mask": batch["attention_mask"],
+        }
         return {**inputs, "position_ids": position_ids(model, batch)}, start
 
-    def completion_logits(self, model, rows: slice | Sequence[int] | None = None) -> torch.Tensor:
+    def completion_logits(
+        self, model, rows: slice | Sequence[int] | None = None, shared_prefix: bool = False
+    ) -> torch.Tensor:
         """Logits (n, T, V) scoring the completion tokens of `rows`: `model` on prompt ⊕ completion,
         positions start - 1 .. end - 2, computed only there (`logits_to_keep`), so a long prompt costs
-        no (prompt length x vocabulary) logits."""
+        no (prompt length x vocabulary) logits.
+
+        With `shared_prefix` (for a `model` that has `shared_prefix.install` applied, train/shared_prefix.py), each distinct
+        prompt of `rows` runs through the language model once and its responses attend to it: the
+        same logits, with the prompt's work done once instead of once per response."""
+        if shared_prefix:
+            return self._shared_prefix_logits(model, self._rows(rows))
         inputs, _ = self.model_inputs(model, rows)
         width = self.completion_ids.shape[1]
         return model(**inputs, use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
+
+    def _shared_prefix_logits(self, model, rows: list[int]) -> torch.Tensor:
+        """`completion_logits` on packed rows, one per distinct prompt (train/shared_prefix.py)."""
+        prompts, places = sharing.slot_assignment([r // self.group_size for r in rows])
+        batch = _collate(
+            [self.prompt_inputs[p] for p in prompts], self.pad_id, image_keys=("image_grid_thw",)
+        )
+        (b, w), t = batch["input_ids"].shape, self.completion_ids.shape[1]
+        slots = 1 + max(slot for _, slot in places)
+        # A response's positions are those of T text tokens right after its prompt, whatever its tokens
+        # (positions follow the token types only), so they are computed once per prompt.
+        text = torch.ones(b, t, dtype=batch["attention_mask"].dtype)
+        extended = {
+            **batch,
+            "input_ids": torch.cat([batch["input_ids"], text * self.pad_id], 1),
+            "attention_mask": torch.cat([batch["attention_mask"], text], 1),
+            "mm_token_type_ids": torch.cat([batch["mm_token_type_ids"], text * 0], 1),
+        }
+        positions = position_ids(model, {k: v.to(model.device) for k, v in extended.items()})
+        row, slot = (torch.tensor(x) for x in zip(*places, strict=True))
+        ids = torch.full((b, slots, t), self.pad_id, dtype=self.completion_ids.dtype)
+        ids[row, slot] = self.completion_ids[rows]
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        prefix = self._embeddings(model, batch, [p * self.group_size for p in prompts])
+        packed = sharing.pack(prefix, model.get_input_embeddings()(ids.to(model.device)))
+        layout = sharing.layout(batch["attention_mask"], slots, t)
+        logits = model(
+            inputs_embeds=packed,
+            attention_mask=sharing.masks(model, layout),
+            position_ids=sharing.packed_positions(positions[..., :w], positions[..., w:], slots),
+            use_cache=False,
+            logits_to_keep=sharing.logit_positions(w, slots, t).to(model.device),
+        ).logits
+        return logits.unflatten(1, (slots, t))[row.to(logits.device), slot.to(logits.device)]
+
+    def _rows(self, rows: slice | Sequence[int] | None) -> list[int]:
+        rows = slice(None) if rows is None else rows
+        rows = list(range(len(self.texts))[rows] if isinstance(rows, slice) else rows)
+        if not rows:
+            raise ValueError("needs at least one row")
+        return rows
+
+    def _embeddings(self, model, batch: dict[str, torch.Tensor], rows: list[int]) -> torch.Tensor:
+        """Token embeddings of `batch`, each image placeholder holding its image's features (the
+        vision tower once per distinct prompt of `rows`, which are `batch`'s rows in order). A sampled
+        `<|image_pad|>` in a completion has token type 0 and stays an ordinary token."""
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        if "image_grid_thw" not in batch:
+            return embeds
+        placeholders = (batch["mm_token_type_ids"] == 1)[..., None]
+        return embeds.masked_scatter(placeholders, self._image_features(model, rows).to(embeds.dtype))
 
     def _image_features(self, model, rows: list[int]) -> torch.Tensor:
         """Each distinct prompt's images encoded once, repeated for every row of that prompt."""

@@ -6,26 +6,36 @@ group advantages are computed per rank (a group never spans ranks); then `algori
 passes of optimizer updates of `optim.train_batch` responses (all ranks), each made of
 micro-batches of `optim.micro_batch` responses that DeepSpeed accumulates.
 
-Micro-batches take responses in group order, not shuffled: the G responses of a prompt then
-share one vision-tower pass in the update (RolloutBatch.model_inputs), which is most of the
-saving over a per-completion pipeline. The math lives in train/algorithms.py and
-train/rewards.py; this module only moves tensors between them.
+Micro-batches take responses in group order, not shuffled: the responses of a prompt that fall
+in one micro-batch then share one pass of its prompt, vision tower and language model alike
+(`optim.shared_prefix`, train/shared_prefix.py; with it off, only the vision tower is shared), which
+is most of the saving over a per-completion pipeline. The prompt is computed once per micro-batch,
+not kept across a group's micro-batches: each micro-batch's forward and backward then stand alone,
+as DeepSpeed's accumulation, ZeRO-3's gathering of weights per forward and gradient checkpointing
+expect, and an optimizer step between two micro-batches of a group changes nothing. With
+`optim.micro_batch` a multiple of `rollout.group_size`, that is once per group. The math lives in
+train/algorithms.py and train/rewards.py; this module only moves tensors between them.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
+from observe_r1.config import ConfigError
 from observe_r1.data import Sample
 from observe_r1.sampling import SamplingParams
 from observe_r1_train import algorithms
+from observe_r1_train import shared_prefix as sharing
 from observe_r1_train.config import TrainConfig
 from observe_r1_train.prompts import hint_for, prompt_text
 from observe_r1_train.rewards import compute_rewards
 from observe_r1_train.rollout import RolloutBatch, TransformersRollout
 from observe_r1_train.runner import Runner, StepResult, reference_model
+
+log = logging.getLogger(__name__)
 
 
 class GRPOTrainer(Runner):
@@ -46,8 +56,27 @@ class GRPOTrainer(Runner):
                 self.ds_config,
                 self.device,
             )
+        self.shared_prefix = self._install_shared_prefix(cfg.optim.shared_prefix)
         zero3_multi = cfg.deepspeed.zero_stage == 3 and self.world > 1
         self.rollout = TransformersRollout(self.engine.module, self.processor, synced_gpus=zero3_multi)
+
+    def _install_shared_prefix(self, setting: bool | None) -> bool:
+        """Whether the update shares each micro-batch's prompts (`optim.shared_prefix`), installing
+        the split attention on the policy and the reference model when it does."""
+        if setting is False:
+            return False
+        models = [m for m in (self.engine.module, self.ref) if m is not None]
+        reason = next((r for r in map(sharing.inexact_reason, models) if r is not None), None)
+        if reason is not None:
+            if setting:
+                raise ConfigError(
+                    f"optim.shared_prefix: the shared-prefix update is not exact here: {reason}"
+                )
+            log.info("optim.shared_prefix: off, %s", reason)
+            return False
+        for model in models:
+            sharing.install(model)
+        return True
 
     def stream_batch(self) -> int:
         return self.cfg.rollout.prompts_per_step
@@ -77,7 +106,7 @@ class GRPOTrainer(Runner):
     def _logprobs(self, model, batch: RolloutBatch, rows: list[int], with_entropy: bool = False):
         """Log-probs (n, T) of the sampled completion tokens of `rows` under `model`, and optionally
         the mean token entropy of its distribution there."""
-        logits = batch.completion_logits(model, rows)
+        logits = batch.completion_logits(model, rows, shared_prefix=self.shared_prefix)
         ids = batch.completion_ids[rows].to(logits.device)
         logprobs = algorithms.token_logprobs(logits, ids, self.cfg.rollout.temperature)
         if not with_entropy:
