@@ -223,7 +223,9 @@ class TokenBytes:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
-        self.hidden = set(tokenizer.all_special_ids)  # left out of the text (skip_special_tokens)
+        # Left out of the text by skip_special_tokens: every added token marked special, which is more
+        # than `all_special_ids` (Qwen's <|quad_start|>, <|box_end|>, ... are special added tokens).
+        self.hidden = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
         self._cache: dict[int, bytes] = {}
