@@ -38,6 +38,9 @@ class ServerConfig:
     default_max_tokens: int = 1024
     max_n: int = 8
     allow_local_images: bool = False
+    # A request field that is no parameter of its endpoint: ignored with a warning (in the log and the
+    # X-Observe-R1-Ignored-Params header), as vLLM does; with this, refused by name.
+    reject_unknown_params: bool = False
     # http(s) image URLs, fetched under the rules of observe_r1_serve.fetch (no private addresses).
     allow_remote_images: bool = True
     image_fetch_timeout_s: float = 10.0  # the whole fetch, redirects included
