@@ -30,6 +30,8 @@ from observe_r1_serve.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from observe_r1_serve.serving import Service, Started
 
@@ -37,6 +39,7 @@ log = logging.getLogger("observe_r1.serve")
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
+TOKENIZE_PATH = "/tokenize"  # where vLLM's server has it
 COUNTED_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
 
 
@@ -79,7 +82,7 @@ def _validation_error(exc: RequestValidationError) -> RequestError:
 
 class Gate:
     """Pure ASGI middleware in front of every route: the body-size limit (by header, and while the
-    body is read, without buffering past the limit), API-key auth on `/v1/*`, the request counter
+    body is read, without buffering past the limit), API-key auth on `/v1/*` and `/tokenize`, the request counter
     by status, and the 500 for any exception that escapes a route. Pure ASGI keeps streaming
     responses and client disconnects untouched."""
 
@@ -110,7 +113,11 @@ class Gate:
         too_large = error_response(
             RequestError(f"request body exceeds {limit} bytes", status=413, code="body_too_large")
         )
-        if self.config.api_key and path.startswith("/v1/") and not self._authorized(headers):
+        if (
+            self.config.api_key
+            and (path.startswith("/v1/") or path == TOKENIZE_PATH)
+            and not self._authorized(headers)
+        ):
             denied = RequestError(
                 "missing or invalid API key", status=401, code="invalid_api_key", type_="authentication_error"
             )
@@ -287,6 +294,10 @@ def create_app(
             return events(started, svc.stream_chat(body, started, arrival))
         response.headers.update(ignored_header(started.ignored))
         return await svc.complete_chat(body, started, arrival)
+
+    @app.post(TOKENIZE_PATH, response_model=TokenizeResponse, responses=errors)
+    async def tokenize(body: TokenizeRequest):
+        return service().tokenize(body)
 
     @app.post(
         COMPLETIONS_PATH,

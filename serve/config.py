@@ -68,6 +68,11 @@ class ServerConfig:
         None  # a JSON object of further AsyncEngineArgs: '{"enable_chunked_prefill": true}'
     )
 
+    @property
+    def context_length(self) -> int:
+        """Prompt and completion tokens a sequence may hold (`max_model_len`, or the two limits' sum)."""
+        return self.max_model_len or self.max_prompt_tokens + self.max_completion_tokens
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(ServerConfig)
         for f in fields(self):

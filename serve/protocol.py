@@ -332,6 +332,24 @@ class CompletionResponse(BaseModel):
     usage: CompletionUsage | None = None
 
 
+class TokenizeRequest(_Request):
+    """POST /tokenize, vLLM's endpoint for a plain prompt: its token ids in the served model's
+    tokenizer. No special tokens are added (Qwen's tokenizers add none), so `add_special_tokens`
+    takes only false; eval/run.py counts the observation, reasoning and answer with it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: Literal[False] = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -52,6 +52,8 @@ from observe_r1_serve.protocol import (
     ErrorResponse,
     ResponseMessage,
     StreamChoice,
+    TokenizeRequest,
+    TokenizeResponse,
     TokenLogprobEntry,
     TopLogprob,
     Usage,
@@ -298,16 +300,25 @@ class Service:
 
     # --- shared ---------------------------------------------------------------------------------
 
-    def _check(
-        self, req: ChatCompletionRequest | CompletionRequest, path: str
-    ) -> tuple[SamplingParams, list]:
-        if req.model != self.config.model_name:
+    def _check_model(self, model: str) -> None:
+        if model != self.config.model_name:
             raise RequestError(
-                f"the model '{req.model}' does not exist; this server serves '{self.config.model_name}'",
+                f"the model '{model}' does not exist; this server serves '{self.config.model_name}'",
                 param="model",
                 status=404,
                 code="model_not_found",
             )
+
+    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        if req.model is not None:
+            self._check_model(req.model)
+        tokens = self.engine.encode(req.prompt)
+        return TokenizeResponse(count=len(tokens), max_model_len=self.config.context_length, tokens=tokens)
+
+    def _check(
+        self, req: ChatCompletionRequest | CompletionRequest, path: str
+    ) -> tuple[SamplingParams, list]:
+        self._check_model(req.model)
         ignored = unknown_params(req, self.config)
         if ignored:
             log.warning("%s: ignored fields that are no parameter: %s", path, ", ".join(ignored))

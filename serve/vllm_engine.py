@@ -50,7 +50,7 @@ def engine_args(config: ServerConfig, on_gpu: bool):
         model=str(config.model),
         served_model_name=config.model_name,
         dtype=dtype if on_gpu or dtype != "auto" else "float32",
-        max_model_len=config.max_model_len or config.max_prompt_tokens + config.max_completion_tokens,
+        max_model_len=config.context_length,
         max_num_seqs=config.max_num_seqs or config.max_batch_size,
         tensor_parallel_size=config.tensor_parallel_size,
         gpu_memory_utilization=config.gpu_memory_utilization,
