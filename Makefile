@@ -86,11 +86,12 @@ demo: setup setup-eval
 
 test: setup setup-vllm setup-eval setup-deploy
 	$(PY) -m pytest -q
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_reasoning_parser.py tests/test_image_rules.py
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_reasoning_parser.py tests/test_vllm_rollout.py tests/test_image_rules.py
 
 bench: setup
 	$(PY) bench/serve_bench.py --out runs/bench/serve  # add --skip-peer to leave out transformers serve
 	$(PY) bench/train_bench.py --out runs/bench/train  # add --skip-trl to leave out TRL's GRPOTrainer
+	$(PY) bench/ladder_bench.py --out runs/bench/ladder  # the ladder's batched sampling against one call per sample
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,7 @@
 """Evaluate a model with lmms-eval and report accuracy, format compliance and reasoning-chain length.
 
-    python eval/run.py --suite reasoning --base-url http://127.0.0.1:8000/v1 --model observe-r1 \
+    python eval/run.py --suite reasoning        # the server at $OPENAI_BASE_URL or 127.0.0.1:8000
+    python eval/run.py --suite reasoning --base-url http://host:8000/v1 --model observe-r1 \
         --tokenizer runs/model --output runs/eval/observe-r1
     python eval/run.py compare runs/eval/a runs/eval/b
 
@@ -18,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python eval/run.py`: make the repository importable as a package root
@@ -48,15 +50,22 @@ def run_parser() -> argparse.ArgumentParser:
         "--tasks", type=lambda s: [t for t in s.split(",") if t], help="lmms-eval task names, comma-separated"
     )
     p.add_argument(
-        "--model", required=True, help="the served model name (openai backend) or checkpoint (vllm)"
+        "--model",
+        help="the served model name (openai backend; default: the server's only model) or checkpoint (vllm)",
     )
-    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="OpenAI-compatible server (openai backend)")
+    p.add_argument(
+        "--base-url",
+        default=os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
+        help=f"OpenAI-compatible server (openai backend; default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})",
+    )
     p.add_argument(
         "--backend", choices=lmms.BACKENDS, default="openai", help="vllm: lmms-eval loads --model itself"
     )
     p.add_argument("--model-args", default="", help="extra key=value,... for lmms-eval's model")
     p.add_argument(
-        "--tokenizer", help="tokenizer of the served model for the lengths (default: --model if a folder)"
+        "--tokenizer",
+        help="tokenizer of the served model for the lengths (default: --model if a folder, else the "
+        "server's /tokenize, which ours and vLLM's have)",
     )
     p.add_argument("--limit", type=int, help="evaluate only the first N samples of each task")
     p.add_argument("--max-new-tokens", type=int, help="override the tasks' generation length")
@@ -111,15 +120,19 @@ def judge_environment(benchmarks: list[suites.Benchmark], args: argparse.Namespa
     return env | mapping["fixed"]
 
 
-def check_server(base_url: str, model: str) -> None:
-    """The server answers /models and serves `model`; otherwise say which and stop before lmms-eval starts."""
+def _auth_headers() -> dict[str, str]:
+    key = os.environ.get("OBSERVE_R1_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def served_models(base_url: str) -> list[str]:
+    """The model names the server lists at /models; says why and stops before lmms-eval starts when it
+    cannot be asked."""
     import httpx
 
-    key = os.environ.get("OBSERVE_R1_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
     url = f"{base_url.rstrip('/')}/models"
     try:
-        response = httpx.get(url, headers=headers, timeout=30)
+        response = httpx.get(url, headers=_auth_headers(), timeout=30)
     except httpx.HTTPError as e:
         raise EvalError(
             f"cannot reach the server at {base_url} ({type(e).__name__}: {e}); is it running?"
@@ -128,11 +141,65 @@ def check_server(base_url: str, model: str) -> None:
         raise EvalError(
             f"the server at {base_url} answered {response.status_code} to GET {url}: {response.text[:500]}"
         )
-    served = [m.get("id") for m in response.json().get("data", [])]
+    return [m.get("id") for m in response.json().get("data", [])]
+
+
+def served_model(base_url: str, model: str | None) -> str:
+    """`model` if the server serves it, or with no `model` the server's only one."""
+    served = served_models(base_url)
+    if model is None:
+        if len(served) != 1:
+            raise EvalError(
+                f"the server at {base_url} serves {len(served)} models ({', '.join(served) or 'none'}): "
+                "pass --model to pick one"
+            )
+        return served[0]
     if model not in served:
         raise EvalError(
             f"the server at {base_url} does not serve model '{model}' (it serves: {', '.join(served) or 'none'})"
         )
+    return model
+
+
+def server_token_counter(base_url: str, model: str) -> Callable[[str], int] | None:
+    """Token counts from the server's own tokenizer (POST /tokenize, which our server and vLLM's
+    have), or None when the server has no such endpoint."""
+    import httpx
+
+    client = httpx.Client(headers=_auth_headers(), timeout=60)
+    url = base_url.rstrip("/").removesuffix("/v1") + "/tokenize"
+
+    def tokenize(text: str) -> httpx.Response:
+        return client.post(url, json={"model": model, "prompt": text, "add_special_tokens": False})
+
+    try:
+        probe = tokenize("observe")
+    except httpx.HTTPError:
+        return None
+    if probe.status_code != 200 or "count" not in probe.json():
+        return None
+
+    def count(text: str) -> int:
+        response = tokenize(text)
+        if response.status_code != 200:
+            raise EvalError(f"POST {url} answered {response.status_code}: {response.text[:500]}")
+        return response.json()["count"]
+
+    return count
+
+
+def token_counter(args: argparse.Namespace) -> Callable[[str], int]:
+    """The lengths' tokenizer: --tokenizer, the checkpoint folder, or the server's /tokenize."""
+    local = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
+    if local is not None:
+        return report.token_counter(local)
+    counter = server_token_counter(args.base_url, args.model) if args.backend == "openai" else None
+    if counter is None:
+        raise EvalError(
+            "pass --tokenizer (the served model's folder or hub id): the lengths are counted in its tokens, "
+            f"and the server at {args.base_url} has no /tokenize endpoint to count them"
+        )
+    return counter
 
 
 def prepare_tasks(out: Path, local_data: Path | None, local: bool) -> Path:
@@ -228,12 +295,11 @@ def run(args: argparse.Namespace) -> int:
     benchmarks = suites.select(args.suite, args.tasks)
     python = lmms.lmms_python()
     judge = judge_environment(benchmarks, args)
-    tokenizer = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
-    if tokenizer is None:
-        raise EvalError(
-            "pass --tokenizer (the served model's folder or hub id): the lengths are counted in its tokens"
-        )
-    count_tokens = report.token_counter(tokenizer)
+    if args.backend == "openai":
+        args.model = served_model(args.base_url, args.model)
+    elif args.model is None:
+        raise EvalError("--model: the vllm backend needs the checkpoint to load")
+    count_tokens = token_counter(args)
     out = args.output or Path("runs/eval") / Path(args.model).name
     settings = {k: getattr(args, k) for k in SETTINGS}
     settings["local_data"] = str(args.local_data) if args.local_data else None
@@ -251,8 +317,6 @@ def run(args: argparse.Namespace) -> int:
             raise EvalError(
                 "lmms-eval cannot run these tasks:\n" + "".join(f"  {t}: {p}\n" for t, p in problems.items())
             )
-    if args.backend == "openai":
-        check_server(args.base_url, args.model)
     atomic_write_text(out / "run.json", json.dumps(settings, indent=2) + "\n")
 
     target = lmms.Target(args.backend, args.model, args.base_url, args.model_args)

@@ -138,3 +138,30 @@ def accuracy(completion: str, sample: Sample) -> float:
     if _TEXT_ANSWER.fullmatch(_normalise(gold)):
         return 0.0
     return float(_math_equal(gold, pred))
+
+
+def unverifiable_reason(sample: Sample, max_words: int) -> str | None:
+    """Why `accuracy` cannot verify answers against `sample.answer`, or None when it can.
+
+    The ladder drops such rows before sampling, as [OR1] dropped items with unverifiable answers: a
+    difficulty measured against a gold no response can match would read as "hard". A multiple-choice
+    gold must name one option of the row; an open gold must be either a short answer in words (at
+    most `max_words`, since words are compared exactly) or something math-verify reads; and the check
+    must accept the gold itself as a response.
+    """
+    gold = sample.answer.strip()
+    if sample.choices or re.fullmatch(r"[A-Z]", gold):
+        letter = _mc_letter(gold, sample.choices)
+        if letter is None:
+            return "multiple-choice gold names no single option"
+        if sample.choices and ord(letter) - 65 >= len(sample.choices):
+            return f"gold names option {letter}, but the row has {len(sample.choices)} choices"
+    elif _TEXT_ANSWER.fullmatch(_normalise(gold)):
+        words = len(_normalise(gold).split())
+        if words > max_words:
+            return f"free-form gold of more than {max_words} words (words are compared exactly)"
+    elif all(isinstance(found, str) for found in _math_parse(gold, _timeout())):
+        return "math-verify cannot read the gold"  # only its raw-string fallback, no expression
+    if accuracy(f"<answer>{gold}</answer>", sample) != 1.0:
+        return "the answer check does not accept the gold itself"
+    return None

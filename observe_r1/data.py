@@ -162,20 +162,25 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:row {index}", {k: v for k, v in row.items() if v is not None}
 
 
-def iter_samples(path: str | Path, check_images: bool = True) -> Iterator[Sample]:
-    """Yield validated samples from a `.jsonl`/`.json` (one object per line) or `.parquet` file."""
+def raw_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """`(location, row)` for each row of a `.jsonl`/`.json` (one object per line) or `.parquet` file,
+    unvalidated (a reader that maps other columns onto the schema first, such as the ladder's)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), None, "data file not found")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _jsonl_rows(path)
-    elif suffix == ".parquet":
-        rows = _parquet_rows(path)
-    else:
-        raise DataError(str(path), None, f"unsupported file type '{suffix}' (use .jsonl or .parquet)")
+        return _jsonl_rows(path)
+    if suffix == ".parquet":
+        return _parquet_rows(path)
+    raise DataError(str(path), None, f"unsupported file type '{suffix}' (use .jsonl or .parquet)")
+
+
+def iter_samples(path: str | Path, check_images: bool = True) -> Iterator[Sample]:
+    """Yield validated samples from a `.jsonl`/`.json` (one object per line) or `.parquet` file."""
+    rows = raw_rows(path)
     seen: dict[str, str] = {}
-    base = path.parent
+    base = Path(path).parent
     for location, row in rows:
         sample = validate_row(row, base, location, check_images)
         if sample.id in seen:

@@ -1,7 +1,8 @@
 """`observe-r1 demo`: the whole pipeline on the built-in tiny model, as `make demo` and the CPU image run it.
 
-Build the tiny model and a synthetic set, one chat turn, the SFT warm start, Observe-R1 GRPO, then serve the
-trained model, ask it one question through the openai client and evaluate it on the local suite with
+Build the tiny model and a synthetic set, one chat turn, the SFT warm start, a NeuraLadder built from the
+warm-started model's samples (a random model gets every question wrong, so every row would have difficulty 1),
+Observe-R1 GRPO on that ladder, then serve the trained model, ask it one question through the openai client and evaluate it on the local suite with
 lmms-eval. Each step is the `observe-r1` subcommand a user would type, run in a subprocess (so the core
 imports no stage); the first that fails stops the demo with its exit status.
 """
@@ -18,6 +19,10 @@ from pathlib import Path
 from observe_r1.command import Command
 
 SERVED_NAME = "observe-r1-tiny"
+# The ladder step's size: the first LADDER_ROWS questions, LADDER_SAMPLES samples each, short enough to add
+# well under a minute; GRPO's 4 steps of 4 prompts need 16 rows, and the filters keep most of these.
+LADDER_ROWS = 64
+LADDER_SAMPLES = 4
 
 
 def _train_configs() -> Path:
@@ -45,12 +50,26 @@ def steps(out: Path, port: int) -> dict[str, list[str]]:
             *rows,
             f"checkpoint.output_dir={out / 'sft'}",
         ],
+        "ladder": [
+            "ladder",
+            "--model",
+            str(out / "sft" / "model"),
+            "--data",
+            str(data),
+            "--out",
+            str(out / "ladder"),
+            "--samples",
+            str(LADDER_SAMPLES),
+            f"input.max_rows={LADDER_ROWS}",
+            "sampling.max_new_tokens=64",  # as tiny_cpu.yaml's rollouts
+            "sampling.max_prompt_tokens=1024",
+        ],
         "train": [
             "train",
             "--config",
             str(configs / "tiny_cpu.yaml"),
             f"model.path={out / 'sft' / 'model'}",
-            *rows,
+            f"data.paths=[{out / 'ladder' / 'ladder.jsonl'}]",
             f"checkpoint.output_dir={out / 'train'}",
         ],
         "serve": [
@@ -112,9 +131,14 @@ def run(args: argparse.Namespace) -> int:
     for name in ("tiny-model", "synth-data", "chat"):
         _run(commands[name])
     print("--- SFT warm start on the format, then Observe-R1 GRPO (DeepSpeed ZeRO-2 on CPU)", flush=True)
-    for name in ("sft", "train", "eval"):  # a demo starts afresh, never resuming an older run
+    for name in ("sft", "ladder", "train", "eval"):  # a demo starts afresh, never resuming an older run
         shutil.rmtree(args.dir / name, ignore_errors=True)
     _run(commands["sft"])
+    print(
+        "--- the NeuraLadder from the warm-started model's samples, then GRPO on it in ladder order",
+        flush=True,
+    )
+    _run(commands["ladder"])
     _run(commands["train"])
     print("--- serving the trained model and asking it through the openai client", flush=True)
     server = subprocess.Popen([sys.executable, "-m", "observe_r1.cli", *commands["serve"]])
@@ -134,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DEMO = Command(
-    help="the whole pipeline on the built-in tiny model (about 4 minutes on a laptop CPU)",
+    help="the whole pipeline on the built-in tiny model (about 5 minutes on a laptop CPU)",
     add_arguments=add_arguments,
     run=run,
 )

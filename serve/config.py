@@ -38,6 +38,9 @@ class ServerConfig:
     default_max_tokens: int = 1024
     max_n: int = 8
     allow_local_images: bool = False
+    # A request field that is no parameter of its endpoint: ignored with a warning (in the log and the
+    # X-Observe-R1-Ignored-Params header), as vLLM does; with this, refused by name.
+    reject_unknown_params: bool = False
     # http(s) image URLs, fetched under the rules of observe_r1_serve.fetch (no private addresses).
     allow_remote_images: bool = True
     image_fetch_timeout_s: float = 10.0  # the whole fetch, redirects included
@@ -64,6 +67,11 @@ class ServerConfig:
     vllm_engine_args: str | None = (
         None  # a JSON object of further AsyncEngineArgs: '{"enable_chunked_prefill": true}'
     )
+
+    @property
+    def context_length(self) -> int:
+        """Prompt and completion tokens a sequence may hold (`max_model_len`, or the two limits' sum)."""
+        return self.max_model_len or self.max_prompt_tokens + self.max_completion_tokens
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(ServerConfig)

@@ -1,5 +1,6 @@
 """Next-token sampling for a batch whose rows each bring their own settings (`observe_r1.sampling`:
-temperature, top-k, top-p, repetition penalty) and random draw.
+temperature, top-k, top-p, repetition, presence and frequency penalties) and random draw, and the raw
+log-probabilities the server returns.
 
 One vectorised pass over the whole batch: on a 152k-token vocabulary a per-row loop of softmax and
 `torch.multinomial` costs about 5 ms a row on a CPU, more than a decoding step of a small model.
@@ -8,6 +9,10 @@ One vectorised pass over the whole batch: on a 152k-token vocabulary a per-row l
 from __future__ import annotations
 
 import torch
+
+# Below this temperature a row is decoded greedily, as in vLLM: the tempered distribution is its argmax
+# to float precision, and dividing by a float32 near zero would overflow to inf.
+GREEDY_BELOW = 1e-5
 
 
 def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -32,6 +37,28 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.copy_(torch.where(seen, logits * factor, logits))
 
 
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """Logits (rows x vocabulary) less, per row, frequency[r] times each token's count in the response
+    so far (`counts`) and presence[r] for each token it holds at all, in place (OpenAI's definition,
+    as vLLM applies it: the prompt does not count)."""
+    return logits.sub_(frequency[:, None] * counts + presence[:, None] * (counts > 0))
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list:
+    """Per row of `logprobs` (rows x vocabulary): the chosen token's log-probability and the k most
+    likely (token, log-probability) pairs, most likely first, as Python numbers (one transfer)."""
+    picked = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+    if k == 0:
+        return [(p, []) for p in picked]
+    values, ids = logprobs.topk(k, dim=-1)
+    return [
+        (p, list(zip(i, v, strict=True)))
+        for p, i, v in zip(picked, ids.tolist(), values.tolist(), strict=True)
+    ]
+
+
 def sample_rows(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -41,7 +68,7 @@ def sample_rows(
 ) -> torch.Tensor:
     """The next token of each row of `logits` (rows x vocabulary).
 
-    Row r is greedy (argmax) when temperature[r] == 0. Otherwise p = softmax(logits[r] / temperature[r])
+    Row r is greedy (argmax) when temperature[r] < GREEDY_BELOW. Otherwise p = softmax(logits[r] / temperature[r])
     over the top_k[r] most likely tokens (all of them when top_k[r] is 0 or `top_k` is None); when
     top_p[r] < 1, p keeps only the most likely tokens up to the first whose preceding cumulative mass
     exceeds top_p[r] (nucleus sampling, Holtzman et al., 2020, "The Curious Case of Neural Text
@@ -51,10 +78,10 @@ def sample_rows(
     A row's token depends only on its own logits and settings and its own `uniform`, so a request
     seeded with its own random stream gets the same tokens whatever it is batched with."""
     chosen = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    greedy = (temperature == 0).nonzero().squeeze(1)
+    greedy = (temperature < GREEDY_BELOW).nonzero().squeeze(1)
     if greedy.numel():
         chosen[greedy] = logits[greedy].argmax(-1)
-    sampled = (temperature > 0).nonzero().squeeze(1)
+    sampled = (temperature >= GREEDY_BELOW).nonzero().squeeze(1)
     if sampled.numel() == 0:
         return chosen
     rows = logits if sampled.numel() == logits.shape[0] else logits[sampled]  # no copy in the usual case

@@ -9,12 +9,15 @@ request. A lone client (the previous batch had one row and nothing else is pendi
 With `prefix_cache` (the default), a batch starts from the cached keys and values of the system turn
 its rows share (`observe_r1_serve.batch_inputs.PrefixCache`), so only the rest of each prompt is prefilled.
 Two hooks make one shared call behave like separate requests:
-- `_RowSampler` (a logits processor) samples all rows in one vectorised pass (`observe_r1_serve.sampling`),
-  each with its own temperature, top-p and seeded random stream, so a request's output does not
-  depend on its batch neighbours;
+- `_RowSampler` (a logits processor) takes each row's raw log-probabilities where asked, applies its
+  logit bias, `min_tokens` and penalties, and samples all rows in one vectorised pass
+  (`observe_r1_serve.sampling`), each with its own temperature, top-p and seeded random stream, so a
+  request's output does not depend on its batch neighbours;
 - `_RowMonitor` (a stopping criterion) sees each new token, streams it to its request (a step's
-  text in one hand-over to the event loop), applies stop strings and per-request `max_tokens`, and
-  ends rows whose client went away.
+  text in one hand-over to the event loop), applies end-of-sequence tokens (unless `ignore_eos`),
+  stop strings and per-request `max_tokens`, and ends rows whose client went away.
+generate's own end-of-sequence check is off (`eos_token_id=[]`): ending rows is `_RowMonitor`'s alone,
+so that an `ignore_eos` row goes on past its end token in the same batch as rows that stop there.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from observe_r1.modeling import load_model, load_processor
+from observe_r1.modeling import load_model, load_processor, position_ids
 from observe_r1.sampling import end_of_turn_ids
 from observe_r1_serve.batch_inputs import PrefixCache, collate
 from observe_r1_serve.config import ServerConfig
@@ -50,10 +53,17 @@ from observe_r1_serve.engine import (
     PromptTooLongError,
     QueueFullError,
     StopMatcher,
+    TokenBytes,
+    TokenLogprob,
     coalesce,
 )
 from observe_r1_serve.image_rules import ImageRules
-from observe_r1_serve.sampling import apply_repetition_penalty, sample_rows
+from observe_r1_serve.sampling import (
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    sample_rows,
+    top_logprobs,
+)
 
 log = logging.getLogger("observe_r1.serve")
 
@@ -93,13 +103,22 @@ class _Row:
     random: random.Random
     tokens: int = 0
     finished: bool = False
+    pending: list[TokenLogprob] = field(default_factory=list)  # entries of tokens not yet sent
+
+    @property
+    def sampling(self):
+        return self.job.request.sampling
+
+    def _take(self) -> tuple[TokenLogprob, ...]:
+        entries, self.pending = tuple(self.pending), []
+        return entries
 
     def delta(self, text: str) -> tuple[_Job, ChoiceDelta]:
-        return self.job, ChoiceDelta(self.index, text, self.tokens)
+        return self.job, ChoiceDelta(self.index, text, self.tokens, logprobs=self._take())
 
     def finish(self, text: str, reason: str) -> tuple[_Job, ChoiceDelta]:
         self.finished = True
-        return self.job, ChoiceDelta(self.index, text, self.tokens, reason)
+        return self.job, ChoiceDelta(self.index, text, self.tokens, reason, self._take())
 
     def drain(self, reason: str, text: str = "") -> tuple[_Job, ChoiceDelta]:
         """End the row with `text` and whatever the detokenizer and the stop matcher still hold."""
@@ -108,18 +127,36 @@ class _Row:
 
 class _RowSampler(LogitsProcessor):
     """Chooses every row's next token itself (`observe_r1_serve.sampling.sample_rows`, each row with its
-    own settings and random stream) and returns logits that make greedy decoding pick it."""
+    own settings and random stream) and returns logits that make greedy decoding pick it.
 
-    def __init__(self, rows: list[_Row], pad_id: int, device: torch.device):
+    In the order vLLM applies them: the raw log-probabilities are read from the model's logits first;
+    then the logit bias, the end-of-sequence ban of rows short of `min_tokens`, the repetition penalty
+    and the presence and frequency penalties; then temperature, top-k and top-p in `sample_rows`."""
+
+    def __init__(self, rows: list[_Row], pad_id: int, eos_ids: set[int], device: torch.device):
         self.rows = rows
         self.pad_id = pad_id
-        options = [row.job.request.sampling for row in rows]
+        options = [row.sampling for row in rows]
         self.temperature = torch.tensor([o.temperature for o in options], device=device)
         self.top_p = torch.tensor([o.top_p for o in options], device=device)
         self.top_k = torch.tensor([o.top_k for o in options], device=device)
         self.penalty = torch.tensor([o.repetition_penalty for o in options], device=device)
         self.penalised = (self.penalty != 1).nonzero().squeeze(1)
         self.seen: torch.Tensor | None = None  # (penalised rows x vocabulary): tokens of prompt and response
+        presence = torch.tensor([o.presence_penalty for o in options], device=device)
+        frequency = torch.tensor([o.frequency_penalty for o in options], device=device)
+        self.counted = ((presence != 0) | (frequency != 0)).nonzero().squeeze(1)
+        self.presence, self.frequency = presence[self.counted], frequency[self.counted]
+        self.counts: torch.Tensor | None = None  # (counted rows x vocabulary): tokens in the response
+        self.biases = [
+            (r, torch.tensor(list(o.logit_bias), device=device), torch.tensor(list(o.logit_bias.values())))
+            for r, o in enumerate(options)
+            if o.logit_bias
+        ]
+        self.eos = torch.tensor(sorted(eos_ids), device=device)
+        self.short = [r for r, o in enumerate(options) if o.min_tokens]
+        self.logged = [r for r, o in enumerate(options) if o.logprobs is not None]
+        self.step = 0
 
     def _penalise(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> None:
         """The repetition penalty of the rows that have one, over each row's own prompt (its padding
@@ -135,11 +172,36 @@ class _RowSampler(LogitsProcessor):
             scores[self.penalised], self.seen, self.penalty[self.penalised]
         )
 
+    def _count(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> None:
+        """Presence and frequency penalties over the tokens each counted row has generated."""
+        if self.counts is None:
+            self.counts = torch.zeros(len(self.counted), scores.shape[1], device=scores.device)
+        if self.step:  # at the first step the last input token is the prompt's
+            self.counts[torch.arange(len(self.counted)), input_ids[self.counted, -1]] += 1
+        scores[self.counted] = apply_presence_frequency(
+            scores[self.counted], self.counts, self.presence.to(scores.dtype), self.frequency.to(scores.dtype)
+        )
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logged = [r for r in self.logged if not self.rows[r].finished]
+        raw = torch.log_softmax(scores[logged], dim=-1) if logged else None
+        for r, ids, values in self.biases:
+            scores[r, ids] += values.to(scores.device)
+        for r in self.short:
+            if self.rows[r].tokens < self.rows[r].sampling.min_tokens:
+                scores[r, self.eos] = float("-inf")
         if self.penalised.numel():
             self._penalise(input_ids, scores)
+        if self.counted.numel():
+            self._count(input_ids, scores)
+        self.step += 1
         uniform = torch.tensor([0.0 if row.finished else row.random.random() for row in self.rows])
         chosen = sample_rows(scores, self.temperature, self.top_p, uniform.to(scores.device), self.top_k)
+        if logged:
+            k = max(self.rows[r].sampling.logprobs for r in logged)
+            for r, (logprob, top) in zip(logged, top_logprobs(raw, chosen[logged], k), strict=True):
+                kept = tuple(top[: self.rows[r].sampling.logprobs])
+                self.rows[r].pending.append(TokenLogprob(int(chosen[r]), logprob, kept))
         finished = torch.tensor([row.finished for row in self.rows], device=scores.device)
         chosen[finished] = self.pad_id
         # `scores` is generate's own float32 copy of this step's logits: marking the chosen token +inf
@@ -162,13 +224,15 @@ class _RowMonitor(StoppingCriteria):
                 row.finished = True
                 continue
             row.tokens += 1
-            if token in self.eos_ids:
+            if token in self.eos_ids and not row.sampling.ignore_eos:
                 out.append(row.drain("stop"))
                 continue
-            text = row.stopper.push(row.detokenizer.push(token))
+            # Stop strings count once the response is past min_tokens, as in vLLM.
+            armed = row.tokens > row.sampling.min_tokens
+            text = row.stopper.push(row.detokenizer.push(token), armed)
             if row.stopper.stopped:
                 out.append(row.finish(text, "stop"))
-            elif row.tokens >= row.job.request.sampling.max_tokens:
+            elif row.tokens >= row.sampling.max_tokens:
                 out.append(row.drain("length", text))
             elif text:
                 out.append(row.delta(text))
@@ -186,6 +250,8 @@ class TransformersEngine(Engine):
         self.processor = load_processor(config.model)
         self.tokenizer = self.processor.tokenizer
         self.image_rules = ImageRules.of(self.processor.image_processor)
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.token_bytes = TokenBytes(self.tokenizer)
         self.eos_ids = set(end_of_turn_ids(self.tokenizer, self.model.generation_config.eos_token_id))
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
@@ -205,10 +271,17 @@ class TransformersEngine(Engine):
     def render_prompt(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _process(self, request: EngineRequest) -> dict:
+        if request.prompt_token_ids is not None:
+            ids = torch.tensor([request.prompt_token_ids])
+            return {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "mm_token_type_ids": torch.zeros_like(ids),
+            }
         features = self.processor(text=[request.prompt], images=request.images or None, return_tensors="pt")
         return dict(features)
 
@@ -333,20 +406,43 @@ class TransformersEngine(Engine):
             return inputs
         return {k: v.to(self.model.device) for k, v in collate(items, self.pad_id).items()}
 
+    def _score_prompt(self, request: EngineRequest) -> None:
+        """`request.prompt_logprobs`: each prompt token's raw log-probability given the tokens before it,
+        from one forward pass over the prompt alone."""
+        inputs = {k: v.to(self.model.device) for k, v in request.inputs.items()}
+        logits = self.model(**inputs, position_ids=position_ids(self.model, inputs)).logits[0, :-1]
+        ids = inputs["input_ids"][0, 1:]
+        k = request.sampling.prompt_logprobs
+        scored = top_logprobs(torch.log_softmax(logits.float(), dim=-1), ids, k) if len(ids) else []
+        request.prompt_logprobs = [None] + [
+            TokenLogprob(token, logprob, tuple(top))
+            for token, (logprob, top) in zip(ids.tolist(), scored, strict=True)
+        ]
+
     @torch.inference_mode()
     def _run(self, batch: list[_Job]) -> None:
+        for job in batch:
+            if job.request.sampling.prompt_logprobs is not None:
+                self._score_prompt(job.request)
+            if job.request.score_only:
+                _send([(job, ChoiceDelta(i, "", 0, "length")) for i in range(job.request.sampling.n)])
+        batch = [job for job in batch if not job.request.score_only]
+        if not batch:
+            return
         rows = self._rows(batch)
         inputs = self._inputs([row.job.request.inputs for row in rows])
         config = GenerationConfig(
             do_sample=False,
-            max_new_tokens=max(row.job.request.sampling.max_tokens for row in rows),
-            eos_token_id=sorted(self.eos_ids),
+            max_new_tokens=max(row.sampling.max_tokens for row in rows),
+            eos_token_id=[],  # rows end in _RowMonitor only (see the module's docstring)
             pad_token_id=self.pad_id,
         )
         self.model.generate(
             **inputs,
             generation_config=config,
-            logits_processor=LogitsProcessorList([_RowSampler(rows, self.pad_id, self.model.device)]),
+            logits_processor=LogitsProcessorList(
+                [_RowSampler(rows, self.pad_id, self.eos_ids, self.model.device)]
+            ),
             stopping_criteria=StoppingCriteriaList([_RowMonitor(rows, self.eos_ids)]),
         )
         _send([row.drain("length") for row in rows if not row.finished and not row.job.cancelled])

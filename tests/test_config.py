@@ -182,11 +182,14 @@ def test_bad_choice(tmp_path):
     )
 
 
-def test_rollout_engine_offers_only_what_runs(tmp_path):
-    assert "rollout.engine: must be one of auto, transformers (got str 'vllm')" in error(
-        tmp_path, overrides=("rollout.engine=vllm",)
+def test_rollout_engine_and_its_vllm_options(tmp_path):
+    assert "rollout.engine: must be one of auto, transformers, vllm (got str 'sglang')" in error(
+        tmp_path, overrides=("rollout.engine=sglang",)
     )
     assert "rollout.vllm_sleep: unknown key" in error(tmp_path, overrides=("rollout.vllm_sleep=true",))
+    assert "rollout.vllm.gpu_memory_utilization: must lie in (0, 1]" in error(
+        tmp_path, overrides=("rollout.vllm.gpu_memory_utilization=1.5",)
+    )
 
 
 def test_missing_required(tmp_path):

@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import free_port, run_cli
 
-from observe_r1_eval import lmms
+from observe_r1_eval import lmms, report
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(REPO / "eval" / "run.py")]
@@ -88,6 +89,80 @@ def test_local_suite_end_to_end_interrupted_and_resumed(server, tiny_model_dir, 
     assert changed.returncode == 2 and "holds finished tasks of other settings" in changed.stderr
 
 
+def test_the_suite_alone_finds_the_server_its_model_and_its_tokenizer(
+    server, tiny_model_dir, synth_dir, tmp_path
+):
+    """`eval/run.py --suite local` with no --model, --base-url or --tokenizer: the server from
+    $OPENAI_BASE_URL, its only model from /v1/models, the lengths counted by its /tokenize exactly as
+    the checkpoint's tokenizer counts them."""
+    out = tmp_path / "run"
+    args = ["--suite", "local", "--local-data", str(synth_dir / "data.jsonl"), "--limit", "2"]
+    env = {**os.environ, "OPENAI_BASE_URL": f"{server.base_url}/v1"}
+    proc = subprocess.run(
+        [*RUN, *args, "--max-new-tokens", "16", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["model"] == "tiny"
+    count = report.token_counter(str(tiny_model_dir))
+    for row in json.loads((out / "report.json").read_text())["benchmarks"]:
+        texts = lmms.responses(Path(row["samples_file"]))
+        expected = report.chain_stats(texts, count)
+        assert row["tokens"] == expected["tokens"] and row["tokens"]["total"]["mean"] > 0
+
+
+def test_tokenize_endpoint_counts_as_the_model_does(server, tiny_model_dir):
+    tokenizer = report.token_counter(str(tiny_model_dir))
+    text = "<observe>two red squares</observe><think>2</think><answer>2</answer>"
+    answer = httpx.post(f"{server.base_url}/tokenize", json={"model": "tiny", "prompt": text}, timeout=30)
+    assert answer.status_code == 200 and answer.json()["count"] == len(answer.json()["tokens"]) == tokenizer(
+        text
+    )
+    wrong = httpx.post(f"{server.base_url}/tokenize", json={"model": "other", "prompt": text}, timeout=30)
+    assert wrong.status_code == 404 and wrong.json()["error"]["param"] == "model"
+    special = httpx.post(
+        f"{server.base_url}/tokenize", json={"prompt": text, "add_special_tokens": True}, timeout=30
+    )
+    assert special.status_code == 400 and special.json()["error"]["param"] == "add_special_tokens"
+
+
+def test_several_models_or_no_tokenize_need_the_flags_named(tiny_model_dir, synth_dir, tmp_path):
+    """A server that lists two models and has no /tokenize (not ours): --model, then --tokenizer, named."""
+    import http.server
+    import threading
+
+    class Peer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "a"}, {"id": "b"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    peer = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Peer)
+    threading.Thread(target=peer.serve_forever, daemon=True).start()
+    try:
+        base = ["--suite", "local", "--base-url", f"http://127.0.0.1:{peer.server_port}/v1"]
+        base += ["--output", str(tmp_path / "run")]
+        several = run_eval(*base)
+        assert several.returncode == 2 and "serves 2 models (a, b): pass --model" in several.stderr
+        untokenized = run_eval(*base, "--model", "a")
+        assert untokenized.returncode == 2 and "pass --tokenizer" in untokenized.stderr
+        assert "has no /tokenize endpoint" in untokenized.stderr
+    finally:
+        peer.shutdown()
+
+
 def test_server_errors_stop_the_run_without_a_report(start_server, tiny_model_dir, synth_dir, tmp_path):
     server = start_server("--max-prompt-tokens", "16")  # every request is refused with a 400
     out = tmp_path / "run"
@@ -116,14 +191,14 @@ def test_model_the_server_does_not_serve_is_refused(server, tiny_model_dir, synt
     assert "does not serve model 'no-such-model' (it serves: tiny)" in proc.stderr
 
 
-def test_unknown_suite_and_task_are_refused_before_anything_runs(tiny_model_dir, tmp_path):
+def test_unknown_suite_and_task_are_refused_before_anything_runs(server, tiny_model_dir, tmp_path):
     proc = run_eval("--suite", "nope", "--model", "tiny", "--tokenizer", str(tiny_model_dir))
     assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
 
     out = tmp_path / "run"
     proc = run_eval(
         "--tasks", "mathvista_testmini_cot_reasoning,not_a_task", "--model", "tiny", "--tokenizer",
-        str(tiny_model_dir), "--base-url", "http://127.0.0.1:9/v1", "--output", str(out),
+        str(tiny_model_dir), "--base-url", f"{server.base_url}/v1", "--output", str(out),
     )  # fmt: skip
     assert proc.returncode == 2
     assert "lmms-eval cannot run these tasks:\n  not_a_task: lmms-eval knows no such task\n" in proc.stderr

@@ -11,9 +11,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLProcessor
+from vllm_helpers.tiny_qwen2 import build_tiny_qwen2
 
 from observe_r1.chat import build_messages, generate
-from observe_r1.modeling import ModelLoadError, load_model, load_processor, torchvision_available
+from observe_r1.modeling import (
+    ModelLoadError,
+    is_text_only,
+    load_model,
+    load_processor,
+    position_ids,
+    tokenizer_of,
+    torchvision_available,
+)
 from observe_r1.sampling import SamplingParams
 from observe_r1.tiny_model import QWEN_SPECIAL_TOKENS, SIZES, build, parameter_count
 
@@ -220,3 +229,19 @@ def test_with_torchvision_the_stock_processor_is_used_and_matches_the_fallback(t
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert torch.equal(a["image_grid_thw"], b["image_grid_thw"])
     torch.testing.assert_close(a["pixel_values"], b["pixel_values"], atol=0.05, rtol=0)
+
+
+def test_a_text_only_policy_loads_only_when_allowed(tiny_model_dir, tmp_path):
+    """The trainer takes a text-only causal LM (the vLLM rollout tests' tiny Qwen2); everyone else gets
+    the image-text-to-text model or an error."""
+    qwen2 = build_tiny_qwen2(tmp_path / "qwen2")
+    assert is_text_only(qwen2) and not is_text_only(tiny_model_dir)
+    with pytest.raises(ModelLoadError, match="cannot load a model"):
+        load_model(qwen2)
+    model = load_model(qwen2, allow_text_only=True)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    tokenizer = load_processor(qwen2, allow_text_only=True)
+    assert tokenizer_of(tokenizer) is tokenizer and not hasattr(tokenizer, "image_processor")
+    batch = {"attention_mask": torch.tensor([[0, 1, 1]])}
+    assert position_ids(model, batch).tolist() == [[0, 0, 1]]
+    assert type(load_model(tiny_model_dir, allow_text_only=True)).__name__ != "Qwen2ForCausalLM"

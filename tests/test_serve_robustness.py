@@ -48,7 +48,7 @@ BAD_REQUESTS = [
     (ask("x", max_completion_tokens=0), 400, "max_completion_tokens"),
     (ask("x", n=50), 400, "n"),
     (ask("x", stop=["a", "b", "c", "d", "e"]), 400, "stop"),
-    (ask("x", stop=[""]), 400, "stop"),
+    (ask("x", stop=[""]), 400, "stop[0]"),
     (ask("x", stream="yes"), 400, "stream"),
     (ask([{"type": "video", "video": "v.mp4"}]), 400, "messages[0].content[0]"),
     (ask([{"type": "text"}]), 400, "messages[0].content[0].text"),

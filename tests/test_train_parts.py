@@ -10,7 +10,7 @@ from observe_r1.data import Sample
 from observe_r1.format import parse
 from observe_r1_train import checkpoint
 from observe_r1_train.engine import cosine_lr_factor, deepspeed_config, warmup_steps
-from observe_r1_train.prompts import PromptStream, hint_for, prompt_text
+from observe_r1_train.prompts import PromptStream, prompt_text
 from observe_r1_train.sft import TargetConfig, sft_target
 from observe_r1_train.tracking import plot_curves, read_jsonl, truncate_after
 
@@ -60,17 +60,15 @@ def test_stream_refuses_data_smaller_than_a_step():
         PromptStream(samples(5), batch_size=8)
 
 
-def test_difficulty_hints():
-    hard = Sample("h", [], "What is x?", "1", difficulty=0.875)
-    easy = Sample("e", [], "What is y?", "1", difficulty=0.25)
-    own = Sample("o", [], "What is z?", "1", difficulty=0.0, hint="Mind the units.")
-    assert hint_for(hard, False, "HINT", 0.75) is None
-    assert hint_for(hard, True, "HINT", 0.75) == "HINT"
-    assert hint_for(easy, True, "HINT", 0.75) is None
-    assert hint_for(own, True, "HINT", 0.75) == "Mind the units."
-    assert prompt_text(hard, "HINT") == "HINT\n\nWhat is x?"
-    assert prompt_text(hard, "HINT", "append") == "What is x?\n\nHINT"
-    assert prompt_text(hard, None) == "What is x?"
+def test_difficulty_hints_come_from_the_row():
+    hinted = Sample("h", [], "What is x?", "1", difficulty=0.875, hint="HINT")
+    plain = Sample("p", [], "What is y?", "1", difficulty=0.875)
+    assert prompt_text(hinted, with_hint=True) == "HINT\n\nWhat is x?"
+    assert prompt_text(hinted, with_hint=True, position="append") == "What is x?\n\nHINT"
+    assert prompt_text(hinted, with_hint=False) == "What is x?"  # hints.enabled off: the question alone
+    assert (
+        prompt_text(plain, with_hint=True) == "What is y?"
+    )  # no hint written: none invented from difficulty
 
 
 def test_deepspeed_config_merges_extra_last():

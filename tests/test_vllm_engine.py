@@ -196,3 +196,71 @@ def test_engine_arguments_come_from_the_server_options(tmp_path):
 def test_pass_through_engine_arguments_are_checked(tmp_path, extra, message):
     with pytest.raises(UserError, match=re.escape(message)):
         engine_args(ServerConfig(model=tmp_path, vllm_engine_args=extra), on_gpu=False)
+
+
+@pytest.fixture(scope="module")
+def qwen2_reference(tiny_qwen2_dir):
+    from test_serve_params import Reference
+    from transformers import AutoModelForCausalLM
+
+    return Reference(tiny_qwen2_dir, model=AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir).eval())
+
+
+def test_logprobs_are_the_models_raw_log_softmax_like_the_transformers_engine(vllm_server, qwen2_reference):
+    from test_serve_params import check_entries
+
+    kwargs = dict(model="tiny", messages=ask(), max_tokens=8, seed=3, temperature=1.4, top_p=0.9)
+    kwargs |= dict(logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    r = client(vllm_server).chat.completions.create(**kwargs)
+    prompt = qwen2_reference.chat_prompt(ask())
+    assert r.usage.prompt_tokens == len(prompt)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens == 8
+    check_entries(entries, prompt, qwen2_reference, k=3)
+    chunks = list(client(vllm_server).chat.completions.create(**kwargs, stream=True))
+    streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [e.bytes for e in streamed] == [e.bytes for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-4)
+
+
+def test_penalties_bias_and_refusals_match_the_transformers_engine(vllm_server, qwen2_reference):
+    from test_serve_params import REFUSED, refusal
+
+    def greedy(**kwargs) -> list[bytes]:
+        extra_body = {"ignore_eos": True} | kwargs.pop("extra_body", {})
+        r = client(vllm_server).chat.completions.create(
+            model="tiny",
+            messages=ask(),
+            max_tokens=12,
+            temperature=0,
+            logprobs=True,
+            extra_body=extra_body,
+            **kwargs,
+        )
+        return [bytes(e.bytes) for e in r.choices[0].logprobs.content]
+
+    spelled = qwen2_reference.token_bytes(100)
+    assert greedy(logit_bias={"100": 100}) == [spelled] * 12
+    # A bias of 3 less the penalties (2 + 2 x count) is negative after the token's first use.
+    biased = greedy(logit_bias={"100": 3}).count(spelled)
+    penalised = greedy(logit_bias={"100": 3}, presence_penalty=2.0, frequency_penalty=2.0).count(spelled)
+    assert penalised < biased and penalised <= 1
+    plain = greedy()
+    assert greedy(presence_penalty=-2.0).count(plain[0]) >= plain.count(plain[0])
+    for param, value in REFUSED.items():
+        err = refusal(
+            lambda p=param, v=value: client(vllm_server).chat.completions.create(
+                model="tiny", messages=ask(), extra_body={p: v}
+            )
+        )
+        assert err.param == param
+
+    prompt = qwen2_reference.tokenizer("one two three", add_special_tokens=False)["input_ids"]
+    scored = client(vllm_server).completions.create(
+        model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1
+    )
+    table = qwen2_reference.log_softmax(prompt)
+    lp = scored.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and scored.usage.completion_tokens == 0
+    expected = [table[t - 1, prompt[t]].item() for t in range(1, len(prompt))]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=2e-3)

@@ -27,6 +27,7 @@ import torch
 
 from observe_r1.errors import MissingFile
 from observe_r1.io import atomic_dir, atomic_write_text
+from observe_r1.modeling import tokenizer_of
 from observe_r1.sampling import SamplingParams, end_of_turn_ids, trained_generation_config
 
 CHECKPOINTS = "checkpoints"
@@ -148,7 +149,7 @@ def export_hf(engine, processor, target: Path, sampling: SamplingParams) -> Path
             with atomic_dir(target, overwrite=True) as staging:
                 module.save_pretrained(staging, state_dict=state, safe_serialization=True)
                 processor.save_pretrained(staging)
-                tokenizer, saved = processor.tokenizer, module.generation_config
+                tokenizer, saved = tokenizer_of(processor), module.generation_config
                 eos = end_of_turn_ids(tokenizer, saved.eos_token_id)
                 pad = saved.pad_token_id if saved.pad_token_id is not None else tokenizer.pad_token_id
                 trained_generation_config(sampling, eos, pad, saved.bos_token_id).save_pretrained(staging)

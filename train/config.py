@@ -30,11 +30,6 @@ from observe_r1.sampling import SamplingParams
 from observe_r1_train import algorithms
 from observe_r1_train.rewards import BONUS_COEF, BONUS_MIN_LEN, BUILTINS, DEFAULT_COMPONENTS, REWARD_CLAMP
 
-# ours: the paper only says the hint tells the model the problem is hard and to verify its steps.
-DIFFICULTY_HINT = (
-    "This problem is difficult. Observe the image carefully, reason step by step, "
-    "and verify each step before giving the final answer."
-)
 KL_DEFAULTS = {
     "loss": ("k3", algorithms.KL_LOSS_COEF),
     "reward": ("k1", algorithms.KL_REWARD_COEF),
@@ -71,20 +66,33 @@ class DataConfig:
 class HintsConfig:
     """Stage-2 difficulty hints (difficulty prior, arXiv 2505.13261).
 
-    When enabled, a sample whose `difficulty >= difficulty_threshold`, or whose row has its own
-    `hint`, gets that row hint or else `text`, put before or after the question.
+    The data owns them: `observe-r1 ladder` (its `stages` step) writes the hint into the `hint` field
+    of the rows that get one. When enabled, a row's `hint` is put before or after its question.
     """
 
     enabled: bool = False
-    text: str = DIFFICULTY_HINT
-    difficulty_threshold: float = 0.75  # ours: at most 2 of 8 reference answers right
     position: Literal["prepend", "append"] = "prepend"
 
 
 @dataclass
+class VLLMRolloutConfig:
+    """The colocated vLLM engine (`rollout.engine: vllm`, train/vllm_rollout.py)."""
+
+    gpu_memory_utilization: float = 0.6  # authors: --vllm_gpu_memory_utilization 0.6 (share left to vLLM)
+    enable_prefix_caching: bool = True  # reset after every weight push
+    enforce_eager: bool | None = None  # None: eager on CPU (no compilation), CUDA graphs on GPU
+    sleep: bool = True  # authors: sleep mode; offload between rollouts where the platform has it (CUDA)
+    max_num_seqs: int = 256
+    block_size: int | None = None  # None: vLLM's default (the CPU backend needs a multiple of 32)
+    cpu_kv_cache_gib: int = 4  # CPU build only: the KV cache's size (VLLM_CPU_KVCACHE_SPACE)
+    engine_args: dict[str, Any] = field(default_factory=dict)  # any other `vllm.LLM` argument
+
+
+@dataclass
 class RolloutConfig:
-    # auto: transformers, the one rollout engine so far; vLLM and its options come with issue 16 (scale-out)
-    engine: Literal["auto", "transformers"] = "auto"
+    # auto: vllm where CUDA and vLLM are both present, else transformers
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    vllm: VLLMRolloutConfig = field(default_factory=VLLMRolloutConfig)
     group_size: int = 8
     prompts_per_step: int = 128  # all ranks together
     # Rollouts sample with exactly these, whatever the checkpoint's generation config says; the export
@@ -275,7 +283,10 @@ class TrainConfig(RunConfig):
         _check(0 < ro.top_p <= 1, "rollout.top_p", "must lie in (0, 1]")
         _check(ro.top_k >= 0, "rollout.top_k", "must be >= 0 (0: no cut)")
         _check(ro.repetition_penalty > 0, "rollout.repetition_penalty", "must be > 0 (1: none)")
-        _check(0 <= self.hints.difficulty_threshold <= 1, "hints.difficulty_threshold", "must lie in [0, 1]")
+        gpu_share = ro.vllm.gpu_memory_utilization
+        _check(
+            0 < gpu_share <= 1, "rollout.vllm.gpu_memory_utilization", f"must lie in (0, 1], got {gpu_share}"
+        )
         _check(alg.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
         _check(bool(self.reward.components), "reward.components", "needs at least one reward")
         for spec in self.reward.components:

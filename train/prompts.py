@@ -1,4 +1,5 @@
-"""Which samples feed each training step, in which order, and the prompt text each one gets.
+"""Which samples feed each training step, in which order, and the prompt text each one gets (its
+question, and in stage 2 of the difficulty prior the difficulty hint its row carries).
 
 The NeuraLadder is read in file order by default (the curriculum *is* the order); `shuffle`
 permutes each epoch with a seed. The stream's position is part of every checkpoint, so a resumed
@@ -80,20 +81,10 @@ class PromptStream:
         self.position = StreamPosition(int(state["epoch"]), int(state["index"]))
 
 
-def prompt_text(sample: Sample, hint: str | None = None, position: str = "prepend") -> str:
-    """The user text for `sample`: its question, with `hint` before ("prepend") or after it."""
-    if not hint:
+def prompt_text(sample: Sample, with_hint: bool = False, position: str = "prepend") -> str:
+    """The user text for `sample`: its question, with the row's own `hint` (which `observe-r1 ladder`
+    writes into stage-2 rows) before ("prepend") or after it when `with_hint` is set."""
+    if not with_hint or not sample.hint:
         return sample.question
+    hint = sample.hint
     return f"{hint}\n\n{sample.question}" if position == "prepend" else f"{sample.question}\n\n{hint}"
-
-
-def hint_for(sample: Sample, enabled: bool, text: str, difficulty_threshold: float) -> str | None:
-    """Stage-2 difficulty hint (difficulty prior, arXiv 2505.13261): the row's own `hint` if it has
-    one, else `text` when the sample's difficulty is at least the threshold; None when disabled."""
-    if not enabled:
-        return None
-    if sample.hint:
-        return sample.hint
-    if sample.difficulty is not None and sample.difficulty >= difficulty_threshold:
-        return text
-    return None

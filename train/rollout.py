@@ -2,9 +2,13 @@
 
 The trainer talks to one small interface, `RolloutEngine` (docs/architecture.md: engines sit behind
 one small interface each), and never learns which engine runs. `TransformersRollout` samples with the policy
-object itself (CPU, tests, small runs); a vLLM engine implements the same three methods for GPU
-scale-out, loading the trainer's new weights in `update_weights`, and builds its prompts with the
-same `process_prompt`, so the update sees identical inputs whichever engine sampled.
+object itself (CPU, tests, small runs); `VLLMRollout` (train/vllm_rollout.py) implements the same three
+methods for GPU scale-out, loading the trainer's new weights in `update_weights`, and builds its prompts
+with the same `process_prompt`, so the update sees identical inputs whichever engine sampled.
+
+The vLLM engine keys its sampling randomness to the sample (`keyed_seed` of the rollout seed and the
+sample id), so a response does not depend on the rank or batch it is sampled in; the transformers
+engine draws from one stream for its whole batch.
 
 Every engine returns a `RolloutBatch` in group-contiguous order (response i answers prompt i // G)
 holding what the update needs: completion tokens and masks, plus the processed prompts (tokens,
@@ -14,6 +18,7 @@ pixels, image grids) from which `RolloutBatch.model_inputs` rebuilds prompt ⊕ 
 from __future__ import annotations
 
 import abc
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +30,7 @@ from observe_r1.chat import build_messages, open_images
 from observe_r1.data import Sample
 from observe_r1.errors import InvalidValue
 from observe_r1.format import SYSTEM_PROMPT
-from observe_r1.modeling import position_ids
+from observe_r1.modeling import position_ids, tokenizer_of
 from observe_r1.sampling import SamplingParams, end_of_turn_ids, to_generation_config
 from observe_r1_train import shared_prefix as sharing
 
@@ -33,15 +38,34 @@ _PADDED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
 
+def takes_images(processor) -> bool:
+    """Whether `processor` is a multimodal one, not a text-only policy's tokenizer."""
+    return hasattr(processor, "image_processor")
+
+
+def keyed_seed(*parts) -> int:
+    """A 63-bit seed derived from `parts` (ints and strings), the same in every process and run (Python's
+    own `hash` of a string changes from process to process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def process_prompt(processor, sample: Sample, prompt: str, system_prompt: str | None) -> dict:
     """One prompt through the chat template and processor, unbatched tensors of batch size 1.
 
     The caller decides `prompt` (e.g. the question plus a difficulty hint); the sample supplies the
-    images (local paths), which come first in the user turn, as Qwen expects.
+    images (local paths), which come first in the user turn, as Qwen expects. A text-only policy's
+    tokenizer takes no images; its prompts carry an all-zero `mm_token_type_ids` (no image placeholder),
+    so the update lays them out as it does multimodal ones.
     """
     images = open_images(sample.images)
+    if images and not takes_images(processor):
+        raise InvalidValue(f"sample {sample.id!r} has images, but the policy is a text-only model")
     messages = build_messages(prompt, len(images), system_prompt)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not takes_images(processor):
+        inputs = dict(processor(text=[text], return_tensors="pt"))
+        return {**inputs, "mm_token_type_ids": torch.zeros_like(inputs["input_ids"])}
     return dict(processor(text=[text], images=images or None, return_tensors="pt"))
 
 
@@ -253,8 +277,9 @@ class RolloutEngine(abc.ABC):
         refused, naming its sample."""
 
     @abc.abstractmethod
-    def update_weights(self, model_or_state_dict) -> None:
-        """Make the next `generate` sample from the trainer's current weights."""
+    def update_weights(self, model, version: int) -> None:
+        """Make the next `generate` sample from `model`'s current weights. `version` counts the
+        optimizer steps behind them; a version the engine already holds is skipped."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -281,11 +306,11 @@ class TransformersRollout(RolloutEngine):
         # ZeRO-3 with several ranks: every rank must run every decoding step (each forward gathers
         # weights from all ranks), even after its own rows have finished.
         self.synced_gpus = synced_gpus
-        tokenizer = processor.tokenizer
+        tokenizer = tokenizer_of(processor)
         self.eos_ids = end_of_turn_ids(tokenizer, model.generation_config.eos_token_id)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
-    def update_weights(self, model_or_state_dict) -> None:
+    def update_weights(self, model, version: int) -> None:
         """Nothing to do: this engine samples with the very model object the trainer updates."""
 
     def close(self) -> None:
@@ -331,7 +356,9 @@ class TransformersRollout(RolloutEngine):
         return torch.random.fork_rng(devices=range(count), device_type=kind)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.model.device) for k, v in batch.items()}
+        """`batch` on the model's device, less the image-token types a text-only model does not take."""
+        keep = takes_images(self.processor)
+        return {k: v.to(self.model.device) for k, v in batch.items() if keep or k != "mm_token_type_ids"}
 
     def _generate_repeated(self, inputs: list[dict], group_size: int, config: GenerationConfig):
         """Reference path: every prompt G times in the batch (vision tower and prefill run G times)."""
@@ -347,14 +374,15 @@ class TransformersRollout(RolloutEngine):
         """
         batch = self._to_device(_collate(inputs, self.pad_id))
         positions = position_ids(self.model, batch)
-        head = {k: batch[k][:, :-1] for k in _PADDED_KEYS}
+        keys = [k for k in _PADDED_KEYS if k in batch]
+        head = {k: batch[k][:, :-1] for k in keys}
         images = {k: batch[k] for k in _IMAGE_KEYS if k in batch}
         cache = self.model(
             **head, **images, position_ids=positions[..., :-1], use_cache=True, logits_to_keep=1
         ).past_key_values
         cache.batch_repeat_interleave(group_size)
         output = self.model.generate(
-            **{k: batch[k].repeat_interleave(group_size, 0) for k in _PADDED_KEYS},
+            **{k: batch[k].repeat_interleave(group_size, 0) for k in keys},
             position_ids=positions.repeat_interleave(group_size, 1),
             past_key_values=cache,
             generation_config=config,
@@ -373,7 +401,7 @@ class TransformersRollout(RolloutEngine):
         if output.logits is not None:
             logits = torch.stack(output.logits, 1).float().cpu()
             logprobs = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1) * mask
-        texts = self.processor.tokenizer.batch_decode(
+        texts = tokenizer_of(self.processor).batch_decode(
             [row[:n] for row, n in zip(ids, lengths.tolist(), strict=True)], skip_special_tokens=True
         )
         return RolloutBatch(

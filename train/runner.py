@@ -53,13 +53,18 @@ def load_training_samples(paths: list[Path], max_samples: int | None) -> list[Sa
 
 
 def prepare_model(path: str, gradient_checkpointing: bool, freeze_vision_tower: bool):
-    """The policy as loaded for training: fp32 weights (DeepSpeed casts to bf16 itself), optional
+    """The policy as loaded for training (an image-text-to-text model, or a text-only causal LM such as
+    the tiny Qwen2 the vLLM rollout tests train): fp32 weights (DeepSpeed casts to bf16 itself), optional
     gradient checkpointing (non-reentrant, so frozen inputs still get gradients), optional frozen
     vision tower."""
-    model = load_model(path, dtype="fp32")
+    model = load_model(path, dtype="fp32", allow_text_only=True)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if freeze_vision_tower:
+        if not hasattr(model.model, "visual"):
+            raise ConfigError(
+                f"model.freeze_vision_tower: {path} is a text-only model, it has no vision tower"
+            )
         model.model.visual.requires_grad_(False)
     model.config.use_cache = False
     return model
@@ -121,7 +126,7 @@ class Runner(abc.ABC):
                 self.total_steps,
             )
 
-        self.processor = load_processor(cfg.model.path)
+        self.processor = load_processor(cfg.model.path, allow_text_only=True)
         model = prepare_model(cfg.model.path, cfg.model.gradient_checkpointing, cfg.model.freeze_vision_tower)
         opt, ds = cfg.optim, cfg.deepspeed
         self.grad_accumulation = grad_accumulation(cfg, self.world)
@@ -286,7 +291,7 @@ class Runner(abc.ABC):
 
 def reference_model(path: str, dtype: str, zero_stage: int, ds_config: dict, device: torch.device):
     """A frozen model for KL: partitioned like the policy under ZeRO-3, else a plain copy on `device`."""
-    ref = load_model(path, dtype=dtype).eval().requires_grad_(False)
+    ref = load_model(path, dtype=dtype, allow_text_only=True).eval().requires_grad_(False)
     if zero_stage == 3:
         return initialize(ref, {**ds_config, "zero_optimization": {"stage": 3}}).module
     return ref.to(device)

@@ -21,6 +21,7 @@ import torch
 from observe_r1.config import load_config
 from observe_r1.data import Sample
 from observe_r1.format import format_response
+from observe_r1.modeling import tokenizer_of
 from observe_r1.sampling import END_OF_TURN
 from observe_r1_train import algorithms
 from observe_r1_train.config import RunConfig
@@ -78,7 +79,7 @@ class SFTTrainer(Runner):
 
     def _batch(self, samples: list[Sample]) -> RolloutBatch:
         """Prompts and tokenised targets (ending in the end-of-turn token) as a group-size-1 batch."""
-        tokenizer = self.processor.tokenizer
+        tokenizer = tokenizer_of(self.processor)
         limit = self.cfg.target.max_target_tokens
         prompts = [process_prompt(self.processor, s, s.question, self.system_prompt) for s in samples]
         texts = [sft_target(s, self.cfg.target) for s in samples]

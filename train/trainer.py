@@ -30,12 +30,21 @@ from observe_r1.sampling import SamplingParams
 from observe_r1_train import algorithms
 from observe_r1_train import shared_prefix as sharing
 from observe_r1_train.config import TrainConfig
-from observe_r1_train.prompts import hint_for, prompt_text
+from observe_r1_train.prompts import prompt_text
 from observe_r1_train.rewards import compute_rewards
-from observe_r1_train.rollout import RolloutBatch, TransformersRollout
+from observe_r1_train.rollout import RolloutBatch, RolloutEngine, TransformersRollout
 from observe_r1_train.runner import Runner, StepResult, reference_model
 
 log = logging.getLogger(__name__)
+
+
+def rollout_engine(setting: str) -> str:
+    """`rollout.engine` resolved: auto is vllm where CUDA and vLLM are both present, else transformers."""
+    if setting != "auto":
+        return setting
+    import importlib.util
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "transformers"
 
 
 class GRPOTrainer(Runner):
@@ -57,8 +66,33 @@ class GRPOTrainer(Runner):
                 self.device,
             )
         self.shared_prefix = self._install_shared_prefix(cfg.optim.shared_prefix)
-        zero3_multi = cfg.deepspeed.zero_stage == 3 and self.world > 1
-        self.rollout = TransformersRollout(self.engine.module, self.processor, synced_gpus=zero3_multi)
+        self.rollout = self._rollout_engine(rollout_engine(cfg.rollout.engine))
+
+    def _rollout_engine(self, kind: str) -> RolloutEngine:
+        cfg, ro = self.cfg, self.cfg.rollout
+        zero3 = cfg.deepspeed.zero_stage == 3
+        if kind == "transformers":
+            return TransformersRollout(
+                self.engine.module, self.processor, synced_gpus=zero3 and self.world > 1
+            )
+        from observe_r1_train.vllm_rollout import VLLMRollout
+
+        return VLLMRollout(
+            cfg.model.path,
+            self.processor,
+            ro.vllm,
+            dtype=cfg.model.dtype,
+            max_model_len=ro.max_prompt_tokens + ro.max_new_tokens,
+            seed=cfg.seed,
+            world=self.world,
+            zero3=zero3,
+        )
+
+    def train(self):
+        try:
+            return super().train()
+        finally:
+            self.rollout.close()
 
     def _install_shared_prefix(self, setting: bool | None) -> bool:
         """Whether the update shares each micro-batch's prompts (`optim.shared_prefix`), installing
@@ -90,11 +124,9 @@ class GRPOTrainer(Runner):
 
     def _rollout(self, samples: list[Sample]) -> RolloutBatch:
         hints = self.cfg.hints
-        prompts = [
-            prompt_text(s, hint_for(s, hints.enabled, hints.text, hints.difficulty_threshold), hints.position)
-            for s in samples
-        ]
+        prompts = [prompt_text(s, hints.enabled, hints.position) for s in samples]
         ro = self.cfg.rollout
+        self.rollout.update_weights(self.engine.module, self.engine.global_steps)
         self.engine.module.eval()
         try:
             return self.rollout.generate(
