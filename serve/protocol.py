@@ -335,13 +335,13 @@ class CompletionResponse(BaseModel):
 class TokenizeRequest(_Request):
     """POST /tokenize, vLLM's endpoint for a plain prompt: its token ids in the served model's
     tokenizer. No special tokens are added (Qwen's tokenizers add none), so `add_special_tokens`
-    takes only false; eval/run.py counts the observation, reasoning and answer with it."""
+    true is refused by name; eval/run.py counts the observation, reasoning and answer with it."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     prompt: str
-    add_special_tokens: Literal[False] = False
+    add_special_tokens: bool = False
 
 
 class TokenizeResponse(BaseModel):

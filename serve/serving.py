@@ -312,6 +312,12 @@ class Service:
     def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         if req.model is not None:
             self._check_model(req.model)
+        if req.add_special_tokens:
+            raise RequestError(
+                "add_special_tokens: only false is supported (the served tokenizers add no special tokens)",
+                param="add_special_tokens",
+                code="unsupported_parameter",
+            )
         tokens = self.engine.encode(req.prompt)
         return TokenizeResponse(count=len(tokens), max_model_len=self.config.context_length, tokens=tokens)
 
