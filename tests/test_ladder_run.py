@@ -285,8 +285,10 @@ def test_the_same_ladder_through_our_server(letter_model, rows_file, start_serve
     a, b = jsonl(local / "ladder.jsonl"), jsonl(remote / "ladder.jsonl")
     assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
     assert [r["ladder"]["correct"] for r in a] == [r["ladder"]["correct"] for r in b]
-    # One request of n=K per question; our server reports the request's tokens, not each choice's.
-    assert all(r["ladder"]["token_lengths"] is None for r in b)
+    # One request of n=K per question; the log-probs our server returns count each choice's tokens,
+    # exactly as the local engine counts them.
+    assert [r["ladder"]["token_lengths"] for r in b] == [r["ladder"]["token_lengths"] for r in a]
+    assert all(r["ladder"]["token_lengths"] is not None for r in b)
     # K = 6 > the server's n limit: refused once, then n=1 requests, each seeded on its own.
     six = tmp_path / "six"
     proc = ladder(
