@@ -69,6 +69,12 @@ def process_prompt(processor, sample: Sample, prompt: str, system_prompt: str | 
     return dict(processor(text=[text], images=images or None, return_tensors="pt"))
 
 
+def check_prompts(samples: list[Sample], prompts: list[str]) -> None:
+    """Every rollout engine takes one prompt per sample, and at least one."""
+    if len(samples) != len(prompts) or not samples:
+        raise ValueError(f"need one prompt per sample: {len(samples)} samples, {len(prompts)} prompts")
+
+
 def check_prompt_lengths(samples: list[Sample], inputs: list[dict], limit: int | None) -> None:
     """Refuse prompts longer than `limit` tokens (image tokens included), naming every culprit.
 
@@ -326,8 +332,7 @@ class TransformersRollout(RolloutEngine):
         logprobs: bool = False,
         max_prompt_tokens: int | None = None,
     ) -> RolloutBatch:
-        if len(samples) != len(prompts) or not samples:
-            raise ValueError(f"need one prompt per sample: {len(samples)} samples, {len(prompts)} prompts")
+        check_prompts(samples, prompts)
         if self.model.training:
             raise RuntimeError("put the policy in eval mode for rollouts (model.eval()), then back to train")
         started = time.perf_counter()

@@ -36,6 +36,7 @@ from observe_r1_train.rollout import (
     RolloutBatch,
     RolloutEngine,
     check_prompt_lengths,
+    check_prompts,
     keyed_seed,
     process_prompt,
 )
@@ -174,8 +175,7 @@ class VLLMRollout(RolloutEngine):
         logprobs: bool = False,
         max_prompt_tokens: int | None = None,
     ) -> RolloutBatch:
-        if len(samples) != len(prompts) or not samples:
-            raise ValueError(f"need one prompt per sample: {len(samples)} samples, {len(prompts)} prompts")
+        check_prompts(samples, prompts)
         started = time.perf_counter()
         pairs = zip(samples, prompts, strict=True)
         inputs = [process_prompt(self.processor, s, p, system_prompt) for s, p in pairs]
