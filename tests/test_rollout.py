@@ -110,6 +110,26 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(model, proc
     assert len({tuple(r) for r in first.completion_ids[:G].tolist()}) > 1
 
 
+def test_a_response_does_not_depend_on_the_batch_it_is_sampled_in(biased, processor, samples):
+    """What lets two ranks sample what one rank samples: each row's stream is keyed to its sample and
+    its index in the group, so a prompt alone, or beside other prompts, gets the same tokens."""
+    engine = TransformersRollout(biased, processor)
+    s = sampling(seed=3, temperature=0.9, top_p=0.95, top_k=50)
+    together = engine.generate(samples, PROMPTS, s)
+    first = engine.generate(samples[:1], PROMPTS[:1], s)
+    rest = engine.generate(samples[1:], PROMPTS[1:], s)
+    assert together.texts == first.texts + rest.texts
+    assert len(set(together.texts[:G])) > 1
+
+
+def test_top_k_of_one_samples_the_greedy_tokens(model, processor, samples):
+    """The warpers act before the keyed draw: with only the best token left, sampling is greedy."""
+    engine = TransformersRollout(model, processor)
+    sampled = engine.generate(samples, PROMPTS, sampling(temperature=1.0, top_k=1))
+    greedy = engine.generate(samples, PROMPTS, sampling(temperature=0.0))
+    assert torch.equal(sampled.completion_ids, greedy.completion_ids)
+
+
 def test_greedy_groups_match_single_prompt_generate(model, processor, samples):
     batch = TransformersRollout(model, processor).generate(samples, PROMPTS, sampling(temperature=0.0))
     for p, sample in enumerate(samples):

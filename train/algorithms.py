@@ -231,6 +231,29 @@ def aggregate(
     return _pick(AGGREGATIONS, mode, "aggregation")(loss_mat, mask, max_len)
 
 
+def aggregation_units(mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """What `aggregate(·, mask, mode)` averages over, counted: the tokens sum_it m_it for
+    "token-mean", the rows N for the sequence means."""
+    _pick(AGGREGATIONS, mode, "aggregation")
+    return mask.sum() if mode == "token-mean" else torch.tensor(mask.shape[0])
+
+
+def global_batch_scale(local_units: float, global_units: float, micro_batches: int) -> float:
+    """The factor that turns one micro-batch's aggregated loss into its share of the loss of the
+    whole optimizer batch, all ranks and accumulated micro-batches together.
+
+    The engine averages gradients over the K = ranks x accumulation micro-batches of an update
+    (DeepSpeed divides the loss by the accumulation steps and all-reduces the mean over ranks), so
+    a micro-batch's mean over its u_k units (tokens or rows, `aggregation_units`) needs the factor
+    s_k = u_k K / sum_j u_j: then (1/K) sum_k s_k mean_k = sum_k sum_k-units L / sum_j u_j, the
+    mean over the global batch (DAPO's token-level mean, arXiv 2503.14476, taken over the update's
+    batch rather than per rank). With equal u_k, as for row means over equal micro-batches, s_k = 1.
+    """
+    if global_units <= 0:
+        return 0.0
+    return local_units * micro_batches / global_units
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -6,9 +6,10 @@ object itself (CPU, tests, small runs); `VLLMRollout` (train/vllm_rollout.py) im
 methods for GPU scale-out, loading the trainer's new weights in `update_weights`, and builds its prompts
 with the same `process_prompt`, so the update sees identical inputs whichever engine sampled.
 
-The vLLM engine keys its sampling randomness to the sample (`keyed_seed` of the rollout seed and the
-sample id), so a response does not depend on the rank or batch it is sampled in; the transformers
-engine draws from one stream for its whole batch.
+Both engines key their sampling randomness to the sample (`keyed_seed` of the rollout seed and the
+sample id; the transformers engine also of the response's index in its group), so a response does
+not depend on the rank or the batch it is sampled in: a run on two ranks samples what one rank
+samples from the same seed and data.
 
 Every engine returns a `RolloutBatch` in group-contiguous order (response i answers prompt i // G)
 holding what the update needs: completion tokens and masks, plus the processed prompts (tokens,
@@ -24,7 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from observe_r1.chat import build_messages, open_images
 from observe_r1.data import Sample
@@ -48,6 +54,32 @@ def keyed_seed(*parts) -> int:
     own `hash` of a string changes from process to process)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+class KeyedSampler(LogitsProcessor):
+    """Draws each row's next token from the row's own random stream, as the last logits processor of
+    a greedy `generate`: it warps the scores as sampling would (temperature, then top-k, then top-p,
+    transformers' own warpers in transformers' order), draws from the softmax with the row's
+    `torch.Generator`, and returns scores that are -inf except at the drawn token, which greedy
+    decoding then takes. `generate` itself draws from one global stream for the whole batch, so a
+    row's tokens would depend on which rows share its batch."""
+
+    def __init__(self, params: SamplingParams, seeds: list[int], device: torch.device):
+        self.warpers = [
+            *([TemperatureLogitsWarper(params.temperature)] if params.temperature != 1.0 else []),
+            *([TopKLogitsWarper(params.top_k)] if params.top_k else []),
+            *([TopPLogitsWarper(params.top_p)] if params.top_p < 1.0 else []),
+        ]
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        probs = scores.float().softmax(-1)
+        picks = torch.cat(
+            [torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, self.generators, strict=True)]
+        )
+        return torch.full_like(scores, -float("inf")).scatter_(1, picks[:, None], 0.0)
 
 
 def process_prompt(processor, sample: Sample, prompt: str, system_prompt: str | None) -> dict:
@@ -299,8 +331,8 @@ class TransformersRollout(RolloutEngine):
     prompts, less their last token, run through the model, the KV cache is repeated G-fold on the
     batch axis, and `generate` continues all P * G rows from the last prompt token. This gives the
     same tokens as processing every prompt G times (`share_prefill=False`, kept as the reference):
-    the sampler draws the same random numbers for the same distributions, and with fp32 the logits
-    agree to rounding. The caller puts the model in eval mode (no gradient checkpointing, so the
+    each row draws from its own stream (`KeyedSampler`), keyed to its sample and its index in the
+    group, and with fp32 the logits agree to rounding. The caller puts the model in eval mode (no gradient checkpointing, so the
     cache exists) around `generate`; sampling runs under `no_grad`, not `inference_mode`, so the
     returned tensors can enter the update's autograd graph.
     """
@@ -341,37 +373,36 @@ class TransformersRollout(RolloutEngine):
         check_prompt_lengths(samples, inputs, max_prompt_tokens)
         processed = time.perf_counter()
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()))
-        # `generate` takes no torch.Generator, so seed the global RNG inside a fork and restore it.
-        with torch.no_grad(), self._fork_rng():
-            torch.manual_seed(seed)
+        config = to_generation_config(
+            sampling, self.eos_ids, self.pad_id, return_dict_in_generate=True, output_logits=logprobs
+        )
+        processors = []
+        if not sampling.greedy:
+            seeds = [keyed_seed(seed, s.id, k) for s in samples for k in range(sampling.n)]
+            processors.append(KeyedSampler(sampling, seeds, self.model.device))
+            for name in ("temperature", "top_p", "top_k"):  # applied by KeyedSampler, not twice
+                setattr(config, name, None)
+            config.do_sample = False
+        with torch.no_grad():
             run = self._generate_shared if self.share_prefill else self._generate_repeated
-            config = to_generation_config(
-                sampling, self.eos_ids, self.pad_id, return_dict_in_generate=True, output_logits=logprobs
-            )
-            output, prompt_width = run(inputs, sampling.n, config)
+            output, prompt_width = run(inputs, sampling.n, config, processors)
         timing = {"prepare": processed - started, "generate": time.perf_counter() - processed}
         return self._batch(samples, inputs, sampling.n, output, prompt_width, timing)
-
-    def _fork_rng(self):
-        """Fork the CPU RNG and every device's of the model's kind (`manual_seed` seeds them all)."""
-        kind = self.model.device.type
-        if kind == "cpu":
-            return torch.random.fork_rng(devices=[])
-        count = torch.get_device_module(kind).device_count()
-        return torch.random.fork_rng(devices=range(count), device_type=kind)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`batch` on the model's device, less the image-token types a text-only model does not take."""
         keep = takes_images(self.processor)
         return {k: v.to(self.model.device) for k, v in batch.items() if keep or k != "mm_token_type_ids"}
 
-    def _generate_repeated(self, inputs: list[dict], group_size: int, config: GenerationConfig):
+    def _generate_repeated(self, inputs: list[dict], group_size: int, config: GenerationConfig, processors):
         """Reference path: every prompt G times in the batch (vision tower and prefill run G times)."""
         batch = self._to_device(_collate([p for p in inputs for _ in range(group_size)], self.pad_id))
-        output = self.model.generate(**batch, generation_config=config, synced_gpus=self.synced_gpus)
+        output = self.model.generate(
+            **batch, generation_config=config, logits_processor=processors, synced_gpus=self.synced_gpus
+        )
         return output, batch["input_ids"].shape[1]
 
-    def _generate_shared(self, inputs: list[dict], group_size: int, config: GenerationConfig):
+    def _generate_shared(self, inputs: list[dict], group_size: int, config: GenerationConfig, processors):
         """Prefill the P prompts once, less their last token, then continue G-fold from the cache.
 
         `generate` needs at least one uncached token to produce the first logits, hence the held-back
@@ -391,6 +422,7 @@ class TransformersRollout(RolloutEngine):
             position_ids=positions.repeat_interleave(group_size, 1),
             past_key_values=cache,
             generation_config=config,
+            logits_processor=processors,
             synced_gpus=self.synced_gpus,
         )
         return output, batch["input_ids"].shape[1]

@@ -46,6 +46,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_share(batch: list, rank: int, world: int, block: int) -> list:
+    """`rank`'s share of `batch`: blocks of `block` consecutive items dealt to the ranks in turn
+    (block 0 to rank 0, block 1 to rank 1, ..., block `world` to rank 0 again)."""
+    if block <= 0 or len(batch) % (block * world):
+        raise ValueError(f"{len(batch)} items do not deal into blocks of {block} over {world} ranks")
+    return [x for i in range(rank * block, len(batch), block * world) for x in batch[i : i + block]]
+
+
 def load_training_samples(paths: list[Path], max_samples: int | None) -> list[Sample]:
     """Every file's rows in the order given, cut to the first `max_samples` (the paper: 20,000)."""
     samples = [s for path in paths for s in load_samples(path)]
@@ -153,9 +161,13 @@ class Runner(abc.ABC):
         self.start_step = 0
         self._stop_requested = False
 
+    def rank_block(self) -> int:
+        """Consecutive samples of a step's batch that go to one rank together (`rank_share`); by
+        default each rank takes one contiguous share."""
+        return self.stream_batch() // self.world
+
     def _rank_slice(self, batch: list[Sample]) -> list[Sample]:
-        per_rank = len(batch) // self.world
-        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return rank_share(batch, self.rank, self.world, self.rank_block())
 
     def _resume(self) -> int:
         """Restore the latest (or the named) checkpoint; returns the step to continue after."""
@@ -185,20 +197,41 @@ class Runner(abc.ABC):
         """One micro-batch's backward and step (DeepSpeed accumulates, and steps the optimizer at the
         accumulation boundary); the global gradient norm when this micro-batch closed one, else None."""
         boundary = self.engine.is_gradient_accumulation_boundary()
+        self._start_micro_batch()
         self.engine.backward(loss)
         self.engine.step()
         norm = self.engine.get_global_grad_norm() if boundary else None
         return None if norm is None else float(norm)
 
-    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+    def _start_micro_batch(self) -> None:
+        """Tell ZeRO that a new micro-batch's backward follows, as `engine.forward` would.
+
+        ZeRO-3 adds a backward's gradients to the accumulated ones only once its micro-step counter
+        has moved past the first micro-batch, and DeepSpeed moves it in `engine.forward`. Our forwards
+        call the module itself (the vision tower and the embeddings run outside the language model's
+        forward), so without this every micro-batch of an accumulation overwrote the gradient of the
+        one before: a ZeRO-3 update with accumulation trained on its last micro-batch alone. The call
+        is idempotent until the next backward, so a forward through the engine as well is harmless.
+        """
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if isinstance(self.engine.optimizer, ZeROOptimizer):
+            self.engine.optimizer.clear_backward_seen_flag()
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Each of `values` summed over the ranks (every rank must call this, in the same order)."""
         if self.world == 1:
-            return metrics
+            return list(values)
         import torch.distributed as dist
 
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values)
-        return dict(zip(keys, (values / self.world).tolist(), strict=True))
+        totals = self.sum_over_ranks([float(metrics[k]) for k in keys])
+        return {k: v / self.world for k, v in zip(keys, totals, strict=True)}
 
     def gather(self, rows: list[dict]) -> list[dict]:
         if self.world == 1:

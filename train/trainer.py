@@ -6,6 +6,13 @@ group advantages are computed per rank (a group never spans ranks); then `algori
 passes of optimizer updates of `optim.train_batch` responses (all ranks), each made of
 micro-batches of `optim.micro_batch` responses that DeepSpeed accumulates.
 
+Several ranks compute what one rank computes from the same seed and data (tests/test_train_run.py):
+the rollout seed is keyed to the step's place in the data stream, not to the rank, and each response's
+randomness to its sample (train/rollout.py); the prompts are dealt to the ranks so that every
+optimizer update holds the responses it holds on one rank (`rank_block`); and each micro-batch's loss
+is scaled to its share of the update's global mean (`algorithms.global_batch_scale`), so the
+token-mean is taken over the whole update, not per rank.
+
 Micro-batches take responses in group order, not shuffled: the responses of a prompt that fall
 in one micro-batch then share one pass of its prompt, vision tower and language model alike
 (`optim.shared_prefix`, train/shared_prefix.py; with it off, only the vision tower is shared), which
@@ -32,7 +39,7 @@ from observe_r1_train import shared_prefix as sharing
 from observe_r1_train.config import TrainConfig
 from observe_r1_train.prompts import prompt_text
 from observe_r1_train.rewards import compute_rewards
-from observe_r1_train.rollout import RolloutBatch, RolloutEngine, TransformersRollout
+from observe_r1_train.rollout import RolloutBatch, RolloutEngine, TransformersRollout, keyed_seed
 from observe_r1_train.runner import Runner, StepResult, reference_model
 
 log = logging.getLogger(__name__)
@@ -115,6 +122,16 @@ class GRPOTrainer(Runner):
     def stream_batch(self) -> int:
         return self.cfg.rollout.prompts_per_step
 
+    def rank_block(self) -> int:
+        """Prompts per rank per optimizer update when an update's responses split into whole groups on
+        every rank: the ranks then take turns by update, so an update holds the same responses as on
+        one rank. Otherwise each rank takes one contiguous share."""
+        per_update = self.cfg.optim.train_batch
+        g = self.cfg.rollout.group_size
+        if per_update % (g * self.world) == 0:
+            return per_update // (g * self.world)
+        return super().rank_block()
+
     def trained_sampling(self) -> SamplingParams:
         return self.cfg.rollout.sampling()
 
@@ -122,7 +139,7 @@ class GRPOTrainer(Runner):
         responses = self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
         return responses // self.cfg.optim.train_batch * self.cfg.algorithm.ppo_epochs
 
-    def _rollout(self, samples: list[Sample]) -> RolloutBatch:
+    def _rollout(self, samples: list[Sample], seed: int) -> RolloutBatch:
         hints = self.cfg.hints
         prompts = [prompt_text(s, hints.enabled, hints.position) for s in samples]
         ro = self.cfg.rollout
@@ -130,7 +147,11 @@ class GRPOTrainer(Runner):
         self.engine.module.eval()
         try:
             return self.rollout.generate(
-                samples, prompts, ro.sampling(), self.system_prompt, max_prompt_tokens=ro.max_prompt_tokens
+                samples,
+                prompts,
+                ro.sampling(seed),
+                self.system_prompt,
+                max_prompt_tokens=ro.max_prompt_tokens,
             )
         finally:
             self.engine.module.train()
@@ -178,8 +199,16 @@ class GRPOTrainer(Runner):
             sums[key] = sums.get(key, 0.0) + float(value)
             counts[key] = counts.get(key, 0) + 1
 
+        micro = self.micro_batches(len(batch.texts))
+        units = [float(algorithms.aggregation_units(batch.completion_mask[rows], alg.agg)) for rows in micro]
+        gas = self.grad_accumulation
+        update_units = self.sum_over_ranks([sum(units[i : i + gas]) for i in range(0, len(micro), gas)])
+        scales = [
+            algorithms.global_batch_scale(u, update_units[i // gas], gas * self.world)
+            for i, u in enumerate(units)
+        ]
         for _ in range(alg.ppo_epochs):
-            for rows in self.micro_batches(len(batch.texts)):
+            for rows, scale in zip(micro, scales, strict=True):
                 logprobs, entropy = self._logprobs(model, batch, rows, with_entropy=True)
                 mask = batch.completion_mask[rows].to(logprobs.device)
                 old = logprobs.detach() if old_lp is None else old_lp[rows].to(logprobs.device)
@@ -211,6 +240,7 @@ class GRPOTrainer(Runner):
                             alg.agg,
                             self.cfg.rollout.max_new_tokens,
                         )
+                loss = loss * scale
                 norm = self.backward_step(loss)
                 add("loss", loss.detach())
                 add("entropy", entropy)
@@ -224,8 +254,9 @@ class GRPOTrainer(Runner):
         """One rollout and its updates; metrics are averaged over ranks."""
         cfg, g = self.cfg, self.cfg.rollout.group_size
         started = time.perf_counter()
+        place = self.stream.state_dict()
         samples = self._rank_slice(self.stream.next_batch())
-        batch = self._rollout(samples)
+        batch = self._rollout(samples, keyed_seed(cfg.seed, "rollout", place["epoch"], place["index"]))
         rolled = time.perf_counter()
         lengths = batch.completion_lengths
         rw = cfg.reward
@@ -279,6 +310,7 @@ class GRPOTrainer(Runner):
             {
                 "id": s.id,
                 "rewards": [round(r, 4) for r in breakdown.total[i * g : (i + 1) * g]],
+                "advantages": [round(a, 4) for a in adv[i * g : (i + 1) * g].tolist()],
                 "response": batch.texts[i * g],
                 "answer": s.answer,
             }
