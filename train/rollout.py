@@ -77,7 +77,10 @@ class KeyedSampler(LogitsProcessor):
             scores = warp(input_ids, scores)
         probs = scores.float().softmax(-1)
         picks = torch.cat(
-            [torch.multinomial(row, 1, generator=gen) for row, gen in zip(probs, self.generators, strict=True)]
+            [
+                torch.multinomial(row, 1, generator=gen)
+                for row, gen in zip(probs, self.generators, strict=True)
+            ]
         )
         return torch.full_like(scores, -float("inf")).scatter_(1, picks[:, None], 0.0)
 
