@@ -86,6 +86,17 @@ def test_group_accuracy():
     close(alg.group_accuracy(T([1, 0, 0, 0, 1, 1, 0, 0]), 4), [0.25, 0.5])
 
 
+def test_group_filter_keeps_groups_with_signal_in_the_accuracy_range():
+    g = 4
+    rewards = torch.tensor([1.5, 1.5, 1.5, 1.5, 1.5, 0.5, 0.5, 0.0, 0.5, 0.5, 0.5, 0.5, 1.0, 0.0, 0.0, 0.0])
+    acc = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0])
+    assert alg.group_filter(rewards, acc, g).tolist() == [False, True, False, True]
+    assert alg.group_filter(rewards, acc, g, drop_zero_variance=False).tolist() == [True] * 4
+    # accuracy 1, 0.25, 0, 0.25 against the range [0.2, 0.9]
+    assert alg.group_filter(rewards, acc, g, False, 0.2, 0.9).tolist() == [False, True, False, True]
+    assert alg.group_filter(rewards, acc, g, True, 0.5, 1.0).tolist() == [False] * 4
+
+
 def test_observe_r1_weight_values():
     # w = 4 * 1.8 * d * (1 - d), d = 1 - p
     #   p = 0: d = 1 -> 0;  p = 0.5: 7.2 * 0.25 = 1.8;  p = 1: d = 0 -> 0

@@ -236,6 +236,8 @@ def test_base_chain_merges_sections(tmp_path):
         ("rollout.max_new_tokens=0", "rollout.max_new_tokens: must be >= 1"),
         ("reward.components={nope: 1}", "reward.components.nope: expected one of accuracy"),
         ("data.paths=[]", "data.paths: needs at least one data file"),
+        ("rollout.filter.max_rounds=0", "rollout.filter.max_rounds: must be >= 1"),
+        ("rollout.filter.max_accuracy=1.5", "rollout.filter.min_accuracy: and rollout.filter.max_accuracy"),
     ],
 )
 def test_cross_field_checks(tmp_path, override, expected):

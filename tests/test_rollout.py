@@ -12,6 +12,7 @@ from observe_r1.data import Sample
 from observe_r1.format import SYSTEM_PROMPT
 from observe_r1.modeling import load_model, load_processor
 from observe_r1.sampling import SamplingParams
+from observe_r1_train import dynamic_sampling
 from observe_r1_train.rollout import RolloutEngine, TransformersRollout
 
 G = 4
@@ -168,6 +169,28 @@ def test_update_forward_reproduces_generation_logprobs(biased, processor, sample
         torch.testing.assert_close(only_completion, logits, atol=1e-5, rtol=0)
         logprobs = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1) * mask
         torch.testing.assert_close(logprobs, batch.logprobs[picked], atol=1e-4, rtol=0)
+
+
+def test_groups_picked_from_rounds_of_different_widths_score_as_they_were_sampled(biased, processor, samples):
+    """Online filtering's batch surgery (train/dynamic_sampling.py): groups picked out of two rounds,
+    whose completions were padded to different widths, joined into one batch, give the update the
+    log-probs that generation gave them, with and without the shared-prefix path."""
+    engine = TransformersRollout(biased, processor)
+    short = engine.generate(samples[:2], PROMPTS[:2], sampling(max_tokens=6), logprobs=True)
+    long = engine.generate(samples, PROMPTS, sampling(seed=1), logprobs=True)
+    joined = dynamic_sampling.concat_batches(
+        [dynamic_sampling.select_groups(short, [1]), dynamic_sampling.select_groups(long, [2, 0])]
+    )
+    assert [s.id for s in joined.samples] == ["1", "2", "0"]
+    assert joined.completion_ids.shape == (3 * G, long.completion_ids.shape[1])
+    assert joined.texts == short.texts[G : 2 * G] + long.texts[2 * G :] + long.texts[:G]
+    mask = joined.completion_mask.bool()
+    assert torch.equal(joined.completion_lengths[:G], short.completion_lengths[G:])
+    with torch.no_grad():
+        logits = joined.completion_logits(biased).float()
+    logprobs = logits.log_softmax(-1).gather(-1, joined.completion_ids[..., None]).squeeze(-1) * mask
+    torch.testing.assert_close(logprobs, joined.logprobs, atol=1e-4, rtol=0)
+    assert joined.timing["generate"] == pytest.approx(short.timing["generate"] + long.timing["generate"])
 
 
 def test_update_forward_backpropagates_into_the_shared_vision_tower(biased, processor, samples):

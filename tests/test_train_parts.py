@@ -10,7 +10,7 @@ from observe_r1.data import Sample
 from observe_r1.format import parse
 from observe_r1_train import checkpoint
 from observe_r1_train.engine import cosine_lr_factor, deepspeed_config, warmup_steps
-from observe_r1_train.prompts import PromptStream, prompt_text
+from observe_r1_train.prompts import DataExhausted, PromptStream, prompt_text
 from observe_r1_train.sft import TargetConfig, sft_target
 from observe_r1_train.tracking import plot_curves, read_jsonl, truncate_after
 
@@ -37,7 +37,7 @@ def test_stream_reads_the_ladder_in_order_and_drops_the_partial_batch():
     assert stream.total_steps == 4
     ids = [[s.id for s in stream.next_batch()] for _ in range(4)]
     assert ids == [["0", "1", "2", "3"], ["4", "5", "6", "7"], ["0", "1", "2", "3"], ["4", "5", "6", "7"]]
-    with pytest.raises(StopIteration):
+    with pytest.raises(DataExhausted):
         stream.next_batch()
 
 

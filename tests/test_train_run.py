@@ -156,11 +156,22 @@ def test_export_loads_and_serves(zero2_run, synth_dir, start_server):
     assert reply.usage.completion_tokens > 0
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_kill_and_resume_matches_an_uninterrupted_run(ranks, tiny_model_dir, synth_dir, tmp_path):
+# Online filtering on, with a reward that is constant in half the groups: every step takes two
+# generation rounds to fill its 4 groups (on 2 ranks, each rank keeps 1 of its 2 prompts a round).
+FILTERING = [
+    "rollout.filter.enabled=true",
+    "reward.components={plugins.rewards:half_the_samples: 1.0}",
+    "algorithm.observe_weight=false",
+]
+
+
+@pytest.mark.parametrize(("ranks", "filtering"), [(1, False), (2, True)])
+def test_kill_and_resume_matches_an_uninterrupted_run(ranks, filtering, tiny_model_dir, synth_dir, tmp_path):
     """SIGKILL after the step-2 checkpoint, resume: same samples in the same order, same metrics
-    and the same final weights as a run that was never interrupted, on one rank and on two."""
-    extra = ["max_steps=4", "checkpoint.save_every=1", "checkpoint.keep_last=2", *LEARNING]
+    and the same final weights as a run that was never interrupted, on one rank, and on two with
+    online filtering (whose steps read a varying number of prompts)."""
+    extra = ["max_steps=4", "checkpoint.save_every=1", "checkpoint.keep_last=2"]
+    extra += FILTERING if filtering else LEARNING
     launch = ["--nproc", str(ranks)]
     straight = tmp_path / "straight"
     run([*train_args(tiny_model_dir, synth_dir, straight, *extra), *launch])
@@ -188,16 +199,51 @@ def test_kill_and_resume_matches_an_uninterrupted_run(ranks, tiny_model_dir, syn
     assert summary["start_step"] >= 2 and summary["step"] == 4
     ids = [r["id"] for r in read_jsonl(killed / "rollouts.jsonl")]
     assert ids == [r["id"] for r in read_jsonl(straight / "rollouts.jsonl")]
-    assert sorted(ids) == [f"synth-{i:06d}" for i in range(16)]
+    assert sorted(ids) == [f"synth-{i:06d}" for i in range(32 if filtering else 16)]
     for a, b in zip(
         read_jsonl(straight / "metrics.jsonl"), read_jsonl(killed / "metrics.jsonl"), strict=True
     ):
         assert a["step"] == b["step"]
         assert a["reward/total"] == pytest.approx(b["reward/total"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a.get("filter/rounds") == b.get("filter/rounds") == (2 if filtering else None)
     w1, w2 = weights(straight / "model"), weights(killed / "model")
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=0, atol=1e-6)
+
+
+def test_online_filtering_fills_each_step_with_groups_that_carry_signal(tiny_model_dir, synth_dir, tmp_path):
+    """rollout.filter: groups of equal rewards are dropped and fresh prompts sampled until the step
+    holds its 4 groups; the reward metrics cover every response generated; when the data runs out
+    inside a step, the run ends at the step before, saved and exported; past max_rounds, a clear
+    error."""
+    out = tmp_path / "filtered"
+    proc = run(train_args(tiny_model_dir, synth_dir, out, "max_steps=3", "data.max_samples=12", *FILTERING))
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert summary["step"] == summary["total_steps"] == 1  # step 2 found 2 of its 4 groups, then no data
+    assert "the data ran out during step 2" in proc.stderr
+    assert (out / "model" / "config.json").exists()
+    state = json.loads((out / "checkpoints" / "step-00000001" / TRAINER_STATE).read_text())
+    assert state["stream"] == {"epoch": 0, "index": 8}
+    [metrics] = read_jsonl(out / "metrics.jsonl")
+    assert metrics["filter/rounds"] == 2 and metrics["filter/kept_share"] == 0.5
+    rows = read_jsonl(out / "rollouts.jsonl")
+    assert [(r["id"], r["kept"]) for r in rows] == [(f"synth-{i:06d}", i % 4 < 2) for i in range(8)]
+    for row in rows:
+        assert (row["advantages"] is not None) == row["kept"]
+        assert (len(set(row["rewards"])) > 1) == row["kept"]
+    # Reward metrics over all 32 responses: the dropped half scored exactly 0.5.
+    generated = [r for row in rows for r in row["rewards"]]
+    assert metrics["reward/total"] == pytest.approx(sum(generated) / len(generated), abs=1e-3)
+
+    refused = run(
+        train_args(
+            tiny_model_dir, synth_dir, tmp_path / "refused", "rollout.filter.max_rounds=1", *FILTERING
+        ),
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "rollout.filter.max_rounds" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def assert_same_run(one: Path, two: Path) -> None:

@@ -104,6 +104,26 @@ def group_accuracy(acc: torch.Tensor, group_size: int) -> torch.Tensor:
     return _grouped(acc, group_size).float().mean(dim=1)
 
 
+def group_filter(
+    rewards: torch.Tensor,
+    acc: torch.Tensor,
+    group_size: int,
+    drop_zero_variance: bool = True,
+    min_accuracy: float = 0.0,
+    max_accuracy: float = 1.0,
+) -> torch.Tensor:
+    """Which groups online filtering keeps, shape (N,) -> (N / G,) bool (DAPO's dynamic sampling,
+    arXiv 2503.14476): a group is kept when min_accuracy <= p <= max_accuracy and, with
+    `drop_zero_variance`, its rewards are not all equal (max_i r_i > min_i r_i). A group of equal
+    rewards has A_i = 0 for every response, so it would add no gradient."""
+    p = group_accuracy(acc, group_size)
+    keep = (p >= min_accuracy) & (p <= max_accuracy)
+    if drop_zero_variance:
+        grouped = _grouped(rewards, group_size)
+        keep &= grouped.amax(dim=1) > grouped.amin(dim=1)
+    return keep
+
+
 def observe_r1_weight(p: torch.Tensor, sigma: float = WEIGHT_SIGMA) -> torch.Tensor:
     """Observe-R1 dynamic weight w = 4 * sigma * d * (1 - d), d = 1 - p (arXiv 2505.12432).
 

@@ -89,10 +89,25 @@ class VLLMRolloutConfig:
 
 
 @dataclass
+class OnlineFilterConfig:
+    """DAPO's dynamic sampling (arXiv 2503.14476; train/dynamic_sampling.py), off by default as in
+    the authors' run: drop groups without a learning signal and sample fresh prompts until every rank
+    holds its share of `rollout.prompts_per_step` groups. A step then reads more prompts than
+    planned, so the data can run out before `max_steps`; training then stops, saves and exports."""
+
+    enabled: bool = False
+    drop_zero_variance: bool = True  # DAPO: drop groups whose rewards are all equal (zero advantage)
+    min_accuracy: float = 0.0  # keep groups with min_accuracy <= p <= max_accuracy
+    max_accuracy: float = 1.0
+    max_rounds: int = 4  # generation rounds per step, the first included; past it the run stops with an error
+
+
+@dataclass
 class RolloutConfig:
     # auto: vllm where CUDA and vLLM are both present, else transformers
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     vllm: VLLMRolloutConfig = field(default_factory=VLLMRolloutConfig)
+    filter: OnlineFilterConfig = field(default_factory=OnlineFilterConfig)
     group_size: int = 8
     prompts_per_step: int = 128  # all ranks together
     # Rollouts sample with exactly these, whatever the checkpoint's generation config says; the export
@@ -271,6 +286,7 @@ class TrainConfig(RunConfig):
             ("rollout.max_new_tokens", ro.max_new_tokens, 1),
             ("rollout.max_prompt_tokens", ro.max_prompt_tokens, 1),
             ("algorithm.ppo_epochs", alg.ppo_epochs, 1),
+            ("rollout.filter.max_rounds", ro.filter.max_rounds, 1),
             ("reward.bonus_min_len", self.reward.bonus_min_len, 0),
         ]:
             _check_at_least(key, value, low)
@@ -286,6 +302,12 @@ class TrainConfig(RunConfig):
         gpu_share = ro.vllm.gpu_memory_utilization
         _check(
             0 < gpu_share <= 1, "rollout.vllm.gpu_memory_utilization", f"must lie in (0, 1], got {gpu_share}"
+        )
+        low, high = ro.filter.min_accuracy, ro.filter.max_accuracy
+        _check(
+            0 <= low <= high <= 1,
+            "rollout.filter.min_accuracy",
+            f"and rollout.filter.max_accuracy must satisfy 0 <= min <= max <= 1, got {low} and {high}",
         )
         _check(alg.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
         _check(bool(self.reward.components), "reward.components", "needs at least one reward")

@@ -16,6 +16,11 @@ from observe_r1.data import Sample
 from observe_r1.errors import InvalidValue
 
 
+class DataExhausted(Exception):
+    """Every epoch's batches have been handed out (a step that reads more than one batch, as online
+    filtering does, can meet this before the planned last step)."""
+
+
 @dataclass
 class StreamPosition:
     epoch: int = 0
@@ -69,7 +74,7 @@ class PromptStream:
         if pos.index + self.batch_size > len(self.samples):
             pos = StreamPosition(pos.epoch + 1, 0)
         if pos.epoch >= self.epochs:
-            raise StopIteration("the data stream is exhausted")
+            raise DataExhausted("the data stream is exhausted")
         indices = self.order(pos.epoch)[pos.index : pos.index + self.batch_size]
         self.position = StreamPosition(pos.epoch, pos.index + self.batch_size)
         return [self.samples[i] for i in indices]

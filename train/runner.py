@@ -21,6 +21,7 @@ import torch
 
 from observe_r1.config import ConfigError, save_config
 from observe_r1.data import Sample, load_samples
+from observe_r1.errors import InvalidValue
 from observe_r1.format import SYSTEM_PROMPT
 from observe_r1.modeling import load_model, load_processor
 from observe_r1.sampling import SamplingParams
@@ -34,7 +35,7 @@ from observe_r1_train.engine import (
     make_optimizer,
     make_scheduler,
 )
-from observe_r1_train.prompts import PromptStream
+from observe_r1_train.prompts import DataExhausted, PromptStream
 from observe_r1_train.tracking import CURVES_FILE, METRICS_FILE, Tracker, plot_curves
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,12 @@ class Runner(abc.ABC):
         step = saved = self.start_step
         try:
             while step < self.total_steps and not self._stop_requested:
-                result = self.step()
+                self._step_start = self.stream.state_dict()
+                try:
+                    result = self.step()
+                except DataExhausted:
+                    self._data_ran_out(step)
+                    break
                 step += 1
                 if step % cfg.logging.log_every == 0:
                     tracker.log(step, result.metrics)
@@ -290,6 +296,9 @@ class Runner(abc.ABC):
                 if (every and step % every == 0) or step == self.total_steps or self._stop_requested:
                     self._save(step)
                     saved = step
+            if saved != step:  # the data ran out before the planned last step
+                self._save(step)
+                saved = step
         finally:
             signal.signal(signal.SIGTERM, previous)
             if bar is not None:
@@ -311,6 +320,26 @@ class Runner(abc.ABC):
             png = plot_curves(self.output_dir / METRICS_FILE, self.output_dir / CURVES_FILE, title=self.name)
             summary["curves"] = str(png) if png else None
         return summary
+
+    def _data_ran_out(self, step: int) -> None:
+        """The data ran out inside step `step + 1` (a step that reads extra prompts, as online
+        filtering does, can use up the data before the planned last step): that step is abandoned and
+        the run ends at `step`, saved and exported as a finished run. The stream goes back to where
+        the abandoned step began, so the checkpoint's position is that of step `step`'s end."""
+        if step == 0:
+            raise InvalidValue(
+                f"the data ran out before the first step was filled: {len(self.stream.samples)} samples"
+                " cannot supply one step's groups through online filtering (rollout.filter)"
+            )
+        log.warning(
+            "the data ran out during step %d of the planned %d (online filtering reads extra prompts);"
+            " ending the run at step %d",
+            step + 1,
+            self.total_steps,
+            step,
+        )
+        self.stream.load_state_dict(self._step_start)
+        self.total_steps = step
 
     def _progress_bar(self):
         if self.rank != 0 or not self.progress:

@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from observe_r1.config import ConfigError
 from observe_r1.data import Sample
+from observe_r1.errors import InvalidValue
 from observe_r1.sampling import SamplingParams
-from observe_r1_train import algorithms
+from observe_r1_train import algorithms, dynamic_sampling
 from observe_r1_train import shared_prefix as sharing
 from observe_r1_train.config import TrainConfig
 from observe_r1_train.prompts import prompt_text
-from observe_r1_train.rewards import compute_rewards
+from observe_r1_train.rewards import RewardBreakdown, compute_rewards
 from observe_r1_train.rollout import RolloutBatch, RolloutEngine, TransformersRollout, keyed_seed
 from observe_r1_train.runner import Runner, StepResult, reference_model
 
@@ -250,20 +252,20 @@ class GRPOTrainer(Runner):
                     add("grad_norm", norm)
         return {k: sums[k] / counts[k] for k in sums}
 
-    def step(self) -> StepResult:
-        """One rollout and its updates; metrics are averaged over ranks."""
-        cfg, g = self.cfg, self.cfg.rollout.group_size
+    def _generate_round(self, timing: dict[str, float]) -> tuple[RolloutBatch, RewardBreakdown]:
+        """One generation round: the stream's next prompts (this rank's share), sampled and scored,
+        adding the seconds spent to `timing`. The rollout seed is keyed to the round's place in the
+        data stream, so every rank, and a resumed run, draws the same responses for the same prompts."""
         started = time.perf_counter()
+        cfg, g, rw = self.cfg, self.cfg.rollout.group_size, self.cfg.reward
         place = self.stream.state_dict()
         samples = self._rank_slice(self.stream.next_batch())
         batch = self._rollout(samples, keyed_seed(cfg.seed, "rollout", place["epoch"], place["index"]))
         rolled = time.perf_counter()
-        lengths = batch.completion_lengths
-        rw = cfg.reward
         breakdown = compute_rewards(
             batch.texts,
             [s for s in samples for _ in range(g)],
-            lengths.tolist(),
+            batch.completion_lengths.tolist(),
             g,
             rw.components,
             nested_observe=rw.nested_observe,
@@ -272,8 +274,82 @@ class GRPOTrainer(Runner):
             bonus_requires_format=rw.bonus_requires_format,
             clamp=rw.clamp,
         )
-        rewards = torch.tensor(breakdown.total)
+        timing["rollout"] += rolled - started
+        timing["reward"] += time.perf_counter() - rolled
+        return batch, breakdown
+
+    def _collect(self) -> Collected:
+        """This rank's groups for the step: one round, or with `rollout.filter` on, rounds until every
+        rank holds its share of kept groups (a rank's surplus is dropped, as in DAPO)."""
+        cfg, g, filt = self.cfg, self.cfg.rollout.group_size, self.cfg.rollout.filter
+        quota = cfg.rollout.prompts_per_step // self.world
+        kept: list[tuple[RolloutBatch, RewardBreakdown, list[int]]] = []
+        generated: list[RewardBreakdown] = []
+        logged: list[dict] = []
+        have = passed = 0
+        timing = {"rollout": 0.0, "reward": 0.0}
+        while True:
+            batch, breakdown = self._generate_round(timing)
+            generated.append(breakdown)
+            keep = list(range(len(batch.samples)))
+            if filt.enabled:
+                mask = algorithms.group_filter(
+                    torch.tensor(breakdown.total),
+                    torch.tensor(breakdown.accuracy),
+                    g,
+                    filt.drop_zero_variance,
+                    filt.min_accuracy,
+                    filt.max_accuracy,
+                )
+                keep = mask.nonzero().flatten().tolist()
+            passed += len(keep)
+            keep = keep[: quota - have]
+            have += len(keep)
+            kept.append((batch, breakdown, keep))
+            logged += [
+                {"id": s.id, "kept": i in keep, **_group_log(batch, breakdown, i)}
+                for i, s in enumerate(batch.samples)
+            ]
+            short = self.sum_over_ranks([quota - have])[0] if filt.enabled else 0
+            if short == 0:
+                break
+            if len(generated) == filt.max_rounds:
+                raise InvalidValue(
+                    f"rollout.filter: {int(short)} of the step's {cfg.rollout.prompts_per_step} groups still"
+                    f" missing after {len(generated)} generation rounds (rollout.filter.max_rounds); most"
+                    " groups carry no learning signal (equal rewards, or accuracy outside"
+                    " rollout.filter.min_accuracy..max_accuracy). Raise rollout.filter.max_rounds, widen the"
+                    " accuracy range, or train on data of a better-matched difficulty"
+                )
+        rewards = [b.total[i * g + k] for _, b, keep in kept for i in keep for k in range(g)]
+        accuracy = [b.accuracy[i * g + k] for _, b, keep in kept for i in keep for k in range(g)]
+        return Collected(
+            batch=dynamic_sampling.concat_batches(
+                [dynamic_sampling.select_groups(batch, keep) for batch, _, keep in kept]
+            ),
+            rewards=torch.tensor(rewards),
+            accuracy=torch.tensor(accuracy),
+            reward_metrics={
+                k: sum(b.metrics[k] for b in generated) / len(generated) for k in generated[0].metrics
+            },
+            filter_metrics=(
+                {"filter/rounds": len(generated), "filter/kept_share": passed / (len(generated) * quota)}
+                if filt.enabled
+                else {}
+            ),
+            timing=timing,
+            logged=logged,
+        )
+
+    def step(self) -> StepResult:
+        """One step: rollout (and online filtering), rewards, weighted advantages and the updates;
+        metrics are averaged over ranks, the reward metrics over every response generated."""
+        cfg, g = self.cfg, self.cfg.rollout.group_size
+        started = time.perf_counter()
+        collected = self._collect()
+        batch, rewards = collected.batch, collected.rewards
         scored = time.perf_counter()
+        lengths = batch.completion_lengths
         alg = cfg.algorithm
         off_policy = self.updates_per_step() > 1
         old_lp = self._score(self.engine.module, batch) if off_policy else None
@@ -282,12 +358,13 @@ class GRPOTrainer(Runner):
             policy_lp = old_lp if old_lp is not None else self._score(self.engine.module, batch)
             kl = algorithms.kl_penalty(policy_lp, ref_lp, alg.kl_kind)
             rewards = algorithms.kl_in_reward(rewards, kl, batch.completion_mask, alg.kl_coef)
-        adv, weights = self._advantages(rewards, torch.tensor(breakdown.accuracy))
+        adv, weights = self._advantages(rewards, collected.accuracy)
         update = self._update(batch, adv, old_lp, ref_lp)
         done = time.perf_counter()
 
         metrics = {
-            **breakdown.metrics,
+            **collected.reward_metrics,
+            **collected.filter_metrics,
             **update,
             "weight/mean": weights.mean().item(),
             "weight/zero_share": (weights == 0).float().mean().item(),
@@ -296,24 +373,40 @@ class GRPOTrainer(Runner):
             "advantage/abs_max": adv.abs().max().item(),
             "response_length/mean": lengths.float().mean().item(),
             "response_length/max": lengths.max().item(),
-            "response_length/clipped_share": sum(r == "length" for r in batch.finish_reasons)
-            / len(samples)
-            / g,
-            "time/rollout_s": rolled - started,
-            "time/reward_s": scored - rolled,
+            "response_length/clipped_share": sum(r == "length" for r in batch.finish_reasons) / len(lengths),
+            "time/rollout_s": collected.timing["rollout"],
+            "time/reward_s": collected.timing["reward"],
             "time/update_s": done - scored,
         }
         metrics = self.mean_over_ranks(metrics)
         metrics["lr"] = self.engine.get_lr()[0]
         metrics["time/step_s"] = time.perf_counter() - started
-        rollouts = [
-            {
-                "id": s.id,
-                "rewards": [round(r, 4) for r in breakdown.total[i * g : (i + 1) * g]],
-                "advantages": [round(a, 4) for a in adv[i * g : (i + 1) * g].tolist()],
-                "response": batch.texts[i * g],
-                "answer": s.answer,
-            }
-            for i, s in enumerate(samples)
-        ]
-        return StepResult(metrics, self.gather(rollouts))
+        advantages = iter(adv.view(-1, g).tolist())
+        for row in collected.logged:
+            row["advantages"] = [round(a, 4) for a in next(advantages)] if row["kept"] else None
+            if not cfg.rollout.filter.enabled:
+                del row["kept"]
+        return StepResult(metrics, self.gather(collected.logged))
+
+
+@dataclass
+class Collected:
+    """A step's groups on one rank, ready for the update (`GRPOTrainer._collect`)."""
+
+    batch: RolloutBatch  # the kept groups, in round order
+    rewards: torch.Tensor  # (N,) their total rewards
+    accuracy: torch.Tensor  # (N,) their 0/1 answer checks
+    reward_metrics: dict[str, float]  # over every response generated, kept or not
+    filter_metrics: dict[str, float]  # rounds and the share of generated groups that passed the filter
+    timing: dict[str, float]  # seconds spent generating and scoring
+    logged: list[dict]  # one row per generated group for rollouts.jsonl
+
+
+def _group_log(batch: RolloutBatch, breakdown: RewardBreakdown, i: int) -> dict:
+    """What rollouts.jsonl shows of group `i`: its rewards, its first response and the gold answer."""
+    g = batch.group_size
+    return {
+        "rewards": [round(r, 4) for r in breakdown.total[i * g : (i + 1) * g]],
+        "response": batch.texts[i * g],
+        "answer": batch.samples[i].answer,
+    }
