@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="observe-r1",
         description="Train, serve and evaluate multimodal reasoning models in the Observe-R1 style.",
     )
+    # The deepspeed launcher puts `--local_rank=N` before the subcommand (`deepspeed --module
+    # observe_r1.cli train ...`); the rank is read from LOCAL_RANK, which it sets too.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-model", help="build a small Qwen2.5-VL-architecture model offline")

@@ -7,12 +7,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLI
+from conftest import CLI, free_port
 from openai import OpenAI
 
 from observe_r1.modeling import load_model, load_processor
@@ -266,17 +267,33 @@ def assert_same_run(one: Path, two: Path) -> None:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_train_what_one_rank_trains(stage, tiny_model_dir, synth_dir, tmp_path):
+@pytest.mark.parametrize(("stage", "launcher"), [(2, "torchrun"), (3, "deepspeed")])
+def test_two_ranks_train_what_one_rank_trains(stage, launcher, tiny_model_dir, synth_dir, tmp_path):
     """Prompts split over 2 CPU ranks, each group on one rank: rewards, advantages, loss and the
-    parameters after a step (of two optimizer updates) are those of 1 rank, under ZeRO-2 and ZeRO-3.
-    The token-mean is taken over each update's global batch, which differs from a per-rank mean here
-    because responses differ in length. One step only: a later step samples from weights that agree
-    to float tolerance, and a sampled token can flip on a difference that small."""
+    parameters after a step (of two optimizer updates) are those of 1 rank, under ZeRO-2 (torchrun,
+    through --nproc) and ZeRO-3 (the deepspeed launcher). One rank accumulates two micro-batches per
+    update where two ranks take one each, so ZeRO-3 here also checks that accumulation adds the
+    micro-batches' gradients. The token-mean is taken over each update's global batch, which differs
+    from a per-rank mean here because responses differ in length. One step only: a later step
+    samples from weights that agree to float tolerance, and a sampled token can flip on a
+    difference that small."""
     extra = ["max_steps=1", f"deepspeed.zero_stage={stage}", *LEARNING]
     one, two = tmp_path / "one", tmp_path / "two"
     run(train_args(tiny_model_dir, synth_dir, one, *extra))
-    run([*train_args(tiny_model_dir, synth_dir, two, *extra), "--nproc", "2"])
+    if launcher == "torchrun":
+        run([*train_args(tiny_model_dir, synth_dir, two, *extra), "--nproc", "2"])
+    else:
+        deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
+        command = [*deepspeed, "--master_port", str(free_port()), "--module", "observe_r1.cli"]
+        proc = subprocess.run(
+            [*command, *train_args(tiny_model_dir, synth_dir, two, *extra)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env(),
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_run(one, two)
     ids = [r["id"] for r in read_jsonl(two / "rollouts.jsonl")]
     assert sorted(ids) == [f"synth-{i:06d}" for i in range(4)]
