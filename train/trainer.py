@@ -266,6 +266,7 @@ class GRPOTrainer(Runner):
             lengths.tolist(),
             g,
             rw.components,
+            format_variant=cfg.format.variant,
             nested_observe=rw.nested_observe,
             bonus_coef=rw.bonus_coef,
             bonus_min_len=rw.bonus_min_len,
