@@ -100,9 +100,12 @@ def nested_observe_problem(
     return None
 
 
-def variant_spec(variant: str, nested_observe: bool = False) -> Variant:
-    """The definition of `variant`; refuses an unknown name and `nested_observe` without an observe block."""
-    problem = nested_observe_problem(variant, nested_observe)
+def variant_spec(
+    variant: str, nested_observe: bool = False, names: tuple[str, str] = ("nested_observe", "variant")
+) -> Variant:
+    """The definition of `variant`; refuses an unknown name and `nested_observe` without an observe block,
+    naming the options as `names` spells them (`nested_observe_problem`)."""
+    problem = nested_observe_problem(variant, nested_observe, names)
     if problem is not None:
         raise InvalidValue(problem)
     return VARIANTS[variant]
@@ -314,7 +317,9 @@ class StreamParser:
         if self._outside_text:
             errors.append(f"text outside the {_listing(tag_names, 'and')} blocks")
         if not errors:
-            expected = ", ".join(spec.blocks) + (" (or observe nested in think)" if self.nested_observe else "")
+            expected = ", ".join(spec.blocks) + (
+                " (or observe nested in think)" if self.nested_observe else ""
+            )
             errors.append(f"blocks out of order: expected {expected}, got {' '.join(tags)}")
         return False, errors
 
