@@ -132,6 +132,8 @@ def test_sft_targets_follow_the_format_variant():
     plain = Sample("a", [], "q", "7")
     think = sft_target(plain, TargetConfig(), "think")
     assert parse(think, variant="think").format_ok and "<observe>" not in think
-    own = Sample("c", [], "q", "7", extra={"response": "<observe>o</observe><think>t</think><answer>7</answer>"})
+    own = Sample(
+        "c", [], "q", "7", extra={"response": "<observe>o</observe><think>t</think><answer>7</answer>"}
+    )
     assert sft_target(own, TargetConfig(), "think") == "<think>t</think>\n<answer>7</answer>"
     assert sft_target(own, TargetConfig()) == own.extra["response"]
