@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from observe_r1.errors import UserError
+from observe_r1.format import DEFAULT_VARIANT
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON_ENV = "OBSERVE_R1_LMMS_PYTHON"
@@ -63,6 +64,7 @@ class Target:
     model: str
     base_url: str | None = None
     model_args: str = ""  # extra key=value pairs for lmms-eval's model
+    format_variant: str = DEFAULT_VARIANT  # the system prompt our model class sends (openai backend)
 
 
 def command(
@@ -77,7 +79,8 @@ def command(
 ) -> list[str]:
     """The lmms-eval command line for one task, logging every sample (the report reads the raw text)."""
     if target.backend == "openai":
-        model, args = "observe_r1", f"model={target.model},base_url={target.base_url}"
+        model = "observe_r1"
+        args = f"model={target.model},base_url={target.base_url},format_variant={target.format_variant}"
     elif target.backend == "vllm":
         model, args = "vllm", f"model={target.model}"
     else:

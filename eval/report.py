@@ -4,6 +4,8 @@ Statistics are pure functions of the responses and a token counter, so they are 
 responses with known answers. Lengths are in tokens of the served model's tokenizer, per part of
 `observe_r1.format.parse` (the single definition of the format): a part a response lacks counts as 0
 tokens, so a model that skips its observation shows it in the lengths as well as in the compliance rate.
+Compliance is the check of the format variant the run is told (`--format-variant`): a `think` model's
+observation is 0 tokens by design, and its compliance is that of `<think>…</think><answer>…</answer>`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from observe_r1.format import parse
+from observe_r1.format import DEFAULT_VARIANT, parse
 from observe_r1.io import atomic_write_text
 
 PARTS = ("observation", "reasoning", "answer", "total")
@@ -43,13 +45,17 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
 
 
 def chain_stats(
-    responses: Sequence[str], count_tokens: Callable[[str], int], nested_observe: bool = False
+    responses: Sequence[str],
+    count_tokens: Callable[[str], int],
+    nested_observe: bool = False,
+    variant: str = DEFAULT_VARIANT,
 ) -> dict:
-    """Format-compliance rate and token lengths of observation, reasoning, answer and the whole response."""
+    """Format-compliance rate (`variant`'s check) and token lengths of observation, reasoning, answer and
+    the whole response."""
     lengths: dict[str, list[int]] = {part: [] for part in PARTS}
     compliant = 0
     for text in responses:
-        result = parse(text, nested_observe=nested_observe)
+        result = parse(text, nested_observe, variant)
         compliant += result.format_ok
         for part in PARTS[:3]:
             lengths[part].append(count_tokens(getattr(result, part)) if getattr(result, part) else 0)

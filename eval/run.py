@@ -27,13 +27,23 @@ if __package__ in (None, ""):  # `python eval/run.py`: make the repository impor
 
 from observe_r1.command import Command  # noqa: E402
 from observe_r1.errors import UserError  # noqa: E402
+from observe_r1.format import DEFAULT_VARIANT, VARIANTS, variant_spec  # noqa: E402
 from observe_r1.io import atomic_write_text  # noqa: E402
 from observe_r1_eval import lmms, report, suites  # noqa: E402
 from observe_r1_eval.lmms import EvalError  # noqa: E402
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 SYNTH_SIZE = 64
-SETTINGS = ("backend", "model", "base_url", "model_args", "limit", "max_new_tokens", "local_data")
+SETTINGS = (
+    "backend",
+    "model",
+    "base_url",
+    "model_args",
+    "limit",
+    "max_new_tokens",
+    "local_data",
+    "format_variant",
+)
 
 
 def log(message: str) -> None:
@@ -75,6 +85,13 @@ def run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nested-observe", action="store_true", help="format check also accepts <observe> nested in <think>"
+    )
+    p.add_argument(
+        "--format-variant",
+        choices=VARIANTS,
+        default=DEFAULT_VARIANT,
+        help="the model's output format: observe (<observe><think><answer>) or think (<think><answer>); the\n"
+        "system prompt sent (openai backend), the format rate and the part lengths follow it",
     )
     p.add_argument("--judge-model", help="LLM judge for tasks that use one (e.g. gpt-4o-mini)")
     p.add_argument(
@@ -279,7 +296,7 @@ def evaluate_task(bench, args, python, target, include_path, out, env, count_tok
     if not texts:
         raise EvalError(f"{bench.task}: lmms-eval logged no samples ({samples_path})")
     metric, acc = lmms.accuracy(results_path, bench.task, bench.metric)
-    stats = report.chain_stats(texts, count_tokens, nested_observe=args.nested_observe)
+    stats = report.chain_stats(texts, count_tokens, args.nested_observe, args.format_variant)
     return {
         "benchmark": bench.benchmark,
         "task": bench.task,
@@ -292,6 +309,7 @@ def evaluate_task(bench, args, python, target, include_path, out, env, count_tok
 
 
 def run(args: argparse.Namespace) -> int:
+    variant_spec(args.format_variant, args.nested_observe, ("--nested-observe", "--format-variant"))
     benchmarks = suites.select(args.suite, args.tasks)
     python = lmms.lmms_python()
     judge = judge_environment(benchmarks, args)
@@ -319,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
             )
     atomic_write_text(out / "run.json", json.dumps(settings, indent=2) + "\n")
 
-    target = lmms.Target(args.backend, args.model, args.base_url, args.model_args)
+    target = lmms.Target(args.backend, args.model, args.base_url, args.model_args, args.format_variant)
     rows, timings = [], []
     for i, bench in enumerate(benchmarks, 1):
         done = out / "done" / f"{bench.task}.json"

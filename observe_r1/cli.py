@@ -17,6 +17,7 @@ from pathlib import Path
 
 from observe_r1.command import ENTRY_POINT_GROUP, Command
 from observe_r1.errors import InvalidValue, UserError
+from observe_r1.format import DEFAULT_VARIANT, VARIANTS, parse, system_prompt, variant_spec
 
 
 def _tiny_model(args: argparse.Namespace) -> None:
@@ -51,10 +52,11 @@ def _synth_data(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     from observe_r1.chat import build_messages, generate, open_images
     from observe_r1.data import load_samples
-    from observe_r1.format import parse
     from observe_r1.modeling import load_model, load_processor
     from observe_r1.sampling import NEUTRAL, SamplingParams, checkpoint_defaults, describe, resolve
 
+    variant = args.format_variant
+    variant_spec(variant, args.nested_observe, ("--nested-observe", "--format-variant"))
     gold = None
     if args.sample:
         samples = load_samples(args.sample)
@@ -70,11 +72,10 @@ def _chat(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     processor = load_processor(args.model)
     start = time.perf_counter()
-    out = generate(
-        model, processor, build_messages(question, len(image_paths)), open_images(image_paths), params
-    )
+    messages = build_messages(question, len(image_paths), system_prompt(variant))
+    out = generate(model, processor, messages, open_images(image_paths), params)
     seconds = time.perf_counter() - start
-    result = parse(out.text, nested_observe=args.nested_observe)
+    result = parse(out.text, args.nested_observe, variant)
     report = {
         "question": question,
         "gold_answer": gold,
@@ -150,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--nested-observe", action="store_true", help="also accept <observe> nested in <think>")
+    p.add_argument(
+        "--format-variant",
+        choices=VARIANTS,
+        default=DEFAULT_VARIANT,
+        help="the model's output format, which picks the system prompt and the check: observe"
+        " (<observe><think><answer>, default) or think (<think><answer>)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_chat)
 

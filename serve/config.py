@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from observe_r1.errors import InvalidValue, UserError
+from observe_r1.format import DEFAULT_VARIANT, FormatVariant, variant_spec
 
 EngineName = Literal["auto", "transformers", "vllm"]  # auto: vLLM where installed and a GPU is present
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on GPU, fp32 on CPU
@@ -25,8 +26,11 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    system_prompt: str | None = None  # None: observe_r1.format.SYSTEM_PROMPT; "": no system prompt
-    nested_observe: bool = False
+    system_prompt: str | None = None  # None: format_variant's built-in prompt; "": no system prompt
+    nested_observe: bool = False  # format check also accepts <observe> nested in <think> (observe only)
+    # The format the model answers in (observe_r1.format.VARIANTS): observe, or think (no observe block,
+    # so every choice's observation is empty); it picks the system prompt and the format check.
+    format_variant: FormatVariant = DEFAULT_VARIANT
     dtype: Dtype = "auto"
     generation_config: GenerationDefaults = "auto"
     # Limits on what one request may ask for.
@@ -81,6 +85,7 @@ class ServerConfig:
             ):
                 allowed = ", ".join(typing.get_args(hints[f.name]))
                 raise InvalidValue(f"{f.name}={getattr(self, f.name)!r}: expected one of {allowed}")
+        variant_spec(self.format_variant, self.nested_observe, ("--nested-observe", "--format-variant"))
 
     @property
     def model_name(self) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from observe_r1.format import SYSTEM_PROMPT, ParseResult, StreamParser, parse
+from observe_r1.format import ParseResult, StreamParser, parse, system_prompt
 from observe_r1.sampling import SamplingParams, checkpoint_defaults, describe, resolve
 from observe_r1_serve.config import RequestError, ServerConfig
 from observe_r1_serve.engine import (
@@ -184,9 +184,9 @@ async def template_messages(
             images.append(await load_image(part.image_url.url, param, config, image_rules))
             parts.append({"type": "image"})
         messages.append({"role": role, "content": parts})
-    system_prompt = SYSTEM_PROMPT if config.system_prompt is None else config.system_prompt
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
+    prompt = system_prompt(config.format_variant, config.system_prompt)
+    if prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": prompt})
     return messages, images
 
 
@@ -412,7 +412,8 @@ class Service:
         return await self._queue([request], ignored)
 
     def _chat_states(self, n: int) -> list[list[_ChoiceState]]:
-        return [[_ChoiceState(StreamParser(nested_observe=self.config.nested_observe)) for _ in range(n)]]
+        config = self.config
+        return [[_ChoiceState(StreamParser(config.nested_observe, config.format_variant)) for _ in range(n)]]
 
     def _chat_usage(self, started: Started, states, results: list[ParseResult]) -> Usage:
         prompt, completion = self._count(started.requests, states)
@@ -438,7 +439,8 @@ class Service:
         async for _ in self._track(started, states, arrival):
             pass
         row = states[0]
-        results = [parse("".join(s.raw), nested_observe=self.config.nested_observe) for s in row]
+        config = self.config
+        results = [parse("".join(s.raw), config.nested_observe, config.format_variant) for s in row]
         choices = []
         for index, (state, result) in enumerate(zip(row, results, strict=True)):
             self.metrics.record_choice(result.format_ok)

@@ -335,3 +335,27 @@ def test_stage_two_of_the_difficulty_prior_starts_from_stage_ones_export():
     stage1 = load_training_config(CONFIGS / "difficulty_prior_stage1.yaml")
     stage2 = load_training_config(CONFIGS / "difficulty_prior_stage2.yaml")
     assert Path(stage2.model.path) == Path(stage1.checkpoint.output_dir) / "model"
+
+
+def test_format_variant_is_a_checked_choice_shared_by_grpo_sft_and_the_ladder(tmp_path):
+    from observe_r1.format import VARIANTS
+    from observe_r1_train.config import FormatVariant
+    from observe_r1_train.ladder.config import load_ladder_config
+
+    assert get_args(FormatVariant) == tuple(VARIANTS) == ("observe", "think")
+    assert load_training_config(write(tmp_path, MINIMAL)).format.variant == "observe"
+    assert load_training_config(write(tmp_path, MINIMAL), ("format.variant=think",)).format.variant == "think"
+    assert load_sft_config(write(tmp_path, MINIMAL), ("format.variant=think",)).format.variant == "think"
+    ladder = write(tmp_path, "out: o\nreference: {model: m}\ninput: {paths: [d.jsonl]}\n", "ladder.yaml")
+    assert load_ladder_config(ladder, ("format.variant=think",)).format.variant == "think"
+    for load in (load_training_config, load_sft_config, load_ladder_config):
+        path = ladder if load is load_ladder_config else write(tmp_path, MINIMAL)
+        with pytest.raises(ConfigError, match="format.variant: must be one of observe, think"):
+            load(path, ("format.variant=plain",))
+
+
+def test_nested_observe_needs_the_observe_variant_and_says_so_naming_both(tmp_path):
+    msg = error(tmp_path, overrides=("format.variant=think", "reward.nested_observe=true"))
+    assert "reward.nested_observe needs format.variant='observe' (the block it nests), not 'think'" in msg
+    cfg = load_training_config(write(tmp_path, MINIMAL), ("reward.nested_observe=true",))
+    assert cfg.reward.nested_observe and cfg.format.variant == "observe"

@@ -6,7 +6,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from observe_r1.format import ALL_TAGS, FIELDS, SYSTEM_PROMPT, StreamParser, format_response, parse
+from observe_r1.errors import InvalidValue
+from observe_r1.format import (
+    ALL_TAGS,
+    FIELDS,
+    SYSTEM_PROMPT,
+    VARIANTS,
+    StreamParser,
+    format_response,
+    parse,
+    system_prompt,
+    to_variant,
+)
 
 GOOD = "<observe>Three red circles.</observe>\n<think>Count them: 1, 2, 3.</think>\n<answer>3</answer>"
 
@@ -254,3 +265,101 @@ def test_well_formed_parts_come_back_stripped(o, t, a):
 def test_graded_answer_is_the_first_answer_block_or_the_text_outside(text, graded):
     assert parse(text).graded_answer == graded
     assert graded in parse(text).answer  # nothing is lost from `answer`
+
+
+# --- the think variant (plain R1): <think>…</think><answer>…</answer> -----------------------------------
+
+THINK_GOOD = "<think>Three red circles: 1, 2, 3.</think>\n<answer>3</answer>"
+
+
+def test_think_variant_accepts_its_form_with_an_empty_observation():
+    r = parse(THINK_GOOD, variant="think")
+    assert r.format_ok and r.errors == ()
+    assert (r.observation, r.reasoning, r.answer) == ("", "Three red circles: 1, 2, 3.", "3")
+    assert parse(f"  {THINK_GOOD}\n", variant="think").format_ok
+    assert not parse(THINK_GOOD).format_ok  # the observe variant misses its observe block ...
+    assert "expected one <observe>, found 0" in parse(THINK_GOOD).errors  # ... and says so
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        (GOOD, "unexpected <observe>: format variant 'think' has no observe block"),
+        ("<think>t <observe>o</observe></think><answer>a</answer>", "unexpected </observe>"),
+        ("<think>t</think>", "expected one <answer>, found 0"),
+        ("<think>t</think><think>u</think><answer>a</answer>", "expected one <think>, found 2"),
+        ("<think> </think><answer>a</answer>", "empty <think> block"),
+        ("<answer>a</answer><think>t</think>", "blocks out of order: expected think, answer"),
+        ("So <think>t</think><answer>a</answer>", "text outside the <think> and <answer> blocks"),
+        ("just an answer", "no <think> or <answer> tags"),
+    ],
+)
+def test_think_variant_refuses_an_observe_block_and_the_usual_faults(text, error):
+    r = parse(text, variant="think")
+    assert not r.format_ok
+    assert any(error in e for e in r.errors), r.errors
+
+
+def test_an_observe_block_in_think_mode_still_reaches_the_observation():
+    r = parse(GOOD, variant="think")
+    assert (r.observation, r.reasoning, r.answer) == ("Three red circles.", "Count them: 1, 2, 3.", "3")
+
+
+def test_think_variant_has_its_own_prompt_and_response_and_no_nested_mode():
+    prompt = VARIANTS["think"].system_prompt
+    assert system_prompt("think") == prompt and "<think>" in prompt and "<answer>" in prompt
+    assert "observe>" not in prompt
+    assert system_prompt() == SYSTEM_PROMPT and system_prompt("think", "") is None
+    assert system_prompt("think", "Be brief.") == "Be brief."
+    assert format_response("o", "t", "a", "think") == "<think>t</think>\n<answer>a</answer>"
+    assert format_response("o", "t", "a") == "<observe>o</observe>\n<think>t</think>\n<answer>a</answer>"
+    with pytest.raises(InvalidValue, match="nested_observe needs variant='observe'.*not 'think'"):
+        parse(THINK_GOOD, nested_observe=True, variant="think")
+    with pytest.raises(InvalidValue, match="variant='plain': expected one of observe, think"):
+        StreamParser(variant="plain")
+
+
+def test_to_variant_drops_the_observe_block_for_think_and_keeps_the_rest():
+    assert to_variant(GOOD, "think") == "<think>Count them: 1, 2, 3.</think>\n<answer>3</answer>"
+    nested = "<think>a <observe>b</observe> c</think><answer>1</answer>"
+    assert to_variant(nested, "think") == "<think>a\nc</think>\n<answer>1</answer>"
+    assert to_variant(THINK_GOOD, "think") == THINK_GOOD  # already right: unchanged
+    assert to_variant(GOOD) == GOOD and to_variant("free text") == "free text"  # observe: as it was
+    assert parse(to_variant(GOOD, "think"), variant="think").format_ok
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=_texts, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_think_streams_never_carry_a_partial_tag_and_end_in_parse(text, cuts):
+    bounds = [0, *sorted(c % (len(text) + 1) for c in cuts), len(text)]
+    p = StreamParser(variant="think")
+    deltas = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        deltas += p.feed(text[lo:hi])
+    deltas += p.finish()
+    assert p.result == parse(text, variant="think")
+    for name in FIELDS:
+        joined = "".join(d.text for d in deltas if d.field == name)
+        assert joined == getattr(p.result, name)
+        assert not any(tag in joined for tag in ALL_TAGS)
+
+
+def _think_oracle(text: str) -> bool:
+    if any(text.count(tag) != (0 if "observe" in tag else 1) for tag in ALL_TAGS):
+        return False
+    m = re.fullmatch(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", text, re.S)
+    return bool(m) and all(g.strip() for g in m.groups())
+
+
+_think_well_formed = st.builds(
+    lambda ws, t, a: f"{ws[0]}<think>{t}</think>{ws[1]}<answer>{a}</answer>{ws[2]}",
+    st.lists(st.sampled_from(["", " ", "\n"]), min_size=3, max_size=3),
+    _words,
+    _words,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.one_of(_texts, _think_well_formed))
+def test_think_verdict_matches_the_plain_r1_regex(text):
+    assert parse(text, variant="think").format_ok == _think_oracle(text)

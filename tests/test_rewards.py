@@ -284,3 +284,48 @@ def test_the_authors_bonus_rule_pays_a_malformed_correct_response_when_asked():
     args = ([malformed, well_formed], [sample, sample], [1.0, 1.0], [150, 200])
     assert bonus_reward(*args) == [0.0, BONUS_COEF]
     assert bonus_reward(*args, bonus_requires_format=False) == [BONUS_COEF, 0.0]
+
+
+def think(answer: str) -> str:
+    return format_response("unused", "Add them up.", answer, "think")
+
+
+def test_rewards_check_the_format_of_the_variant_asked_for():
+    assert format_reward(think("1"), sample("1"), format_variant="think") == FORMAT_REWARD
+    assert format_reward(wrap("1"), sample("1"), format_variant="think") == 0.0  # an observe block
+    assert format_reward(think("1"), sample("1")) == 0.0  # observe (default) misses its block
+    completions = [think("42"), wrap("42"), think("41"), "42"]
+    for variant, formats, total, rate in [
+        ("think", [0.5, 0, 0.5, 0], [1.7, 1.0, 0.5, 1.0], 2 / 4),
+        ("observe", [0, 0.5, 0, 0], [1.0, 1.7, 0.0, 1.0], 1 / 4),
+    ]:
+        result = compute_rewards(
+            completions, [sample("42")] * 4, [150, 200, 120, 110], 4, format_variant=variant
+        )
+        assert result.components["format"] == formats
+        assert result.total == pytest.approx(total)  # the bonus needs the variant's format too
+        assert result.metrics["format_rate"] == rate
+
+
+def test_a_plugin_reward_is_told_the_variant():
+    seen = []
+
+    def plugin(completions, samples, format_variant):
+        seen.append(format_variant)
+        return [0.0] * len(completions)
+
+    import types
+
+    sys.modules["variant_plugin"] = types.SimpleNamespace(plugin=plugin)
+    try:
+        compute_rewards(
+            [think("1")] * 2,
+            [sample("1")] * 2,
+            [1, 1],
+            2,
+            {"variant_plugin:plugin": 1.0},
+            format_variant="think",
+        )
+    finally:
+        del sys.modules["variant_plugin"]
+    assert seen == ["think"]

@@ -193,3 +193,99 @@ def test_metrics_count_requests_latency_tokens_and_format(server):
     assert 0.0 <= values["observe_r1_format_followed_ratio"] <= 1.0
     assert values["observe_r1_choices_total"] >= values["observe_r1_format_followed_total"]
     assert "observe_r1_num_requests_waiting" in values and "observe_r1_num_requests_running" in values
+
+
+THINK_CHUNKS = ["<thi", "nk> Two red, one", " blue: 3 </th", "ink>\n<ans", "wer>3</an", "swer>"]
+
+
+def test_a_think_model_is_split_into_reasoning_and_answer_plain_and_streamed(tiny_model_dir):
+    """`--format-variant think`: the think prompt goes to the model, and its `<think><answer>` text
+    (scripted here, tags split across deltas) comes back as reasoning and answer, observation empty."""
+    import threading
+    import time
+
+    import uvicorn
+    from conftest import free_port
+
+    from observe_r1.format import VARIANTS
+    from observe_r1_serve.app import create_app
+    from observe_r1_serve.config import ServerConfig
+    from observe_r1_serve.engine import ChoiceDelta
+    from observe_r1_serve.transformers_engine import TransformersEngine
+
+    prompts = []
+
+    class ScriptedThink(TransformersEngine):
+        """The real engine's queue and prompt, then a fixed `think` answer in chunks."""
+
+        def generate(self, request):
+            prompts.append(request.prompt)
+            return self._scripted(super().generate(request))
+
+        async def _scripted(self, stream):
+            try:
+                async for _ in stream:
+                    pass
+            finally:
+                await stream.aclose()
+            for i, chunk in enumerate(THINK_CHUNKS, 1):
+                yield ChoiceDelta(0, chunk, i, "stop" if i == len(THINK_CHUNKS) else None)
+
+    config = ServerConfig(
+        model=tiny_model_dir, served_model_name="tiny", port=free_port(), format_variant="think"
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config, ScriptedThink), port=config.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    base_url = f"http://127.0.0.1:{config.port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and thread.is_alive(), "the in-process server never got ready"
+            time.sleep(0.2)
+        api = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
+        r = api.chat.completions.create(model="tiny", messages=image_message(data_url()), max_tokens=8)
+        choice = r.choices[0]
+        assert choice.message.content == "3"
+        assert extra(choice.message, "reasoning") == "Two red, one blue: 3"
+        assert not extra(choice.message, "observation")
+        assert extra(choice, "format_ok") is True and extra(choice, "format_errors") == []
+        assert (
+            VARIANTS["think"].system_prompt in prompts[-1]
+            and VARIANTS["observe"].system_prompt not in prompts[-1]
+        )
+
+        fields = {"content": [], "reasoning": [], "observation": []}
+        stream = api.chat.completions.create(
+            model="tiny", messages=image_message(data_url()), max_tokens=8, stream=True
+        )
+        for chunk in stream:
+            for c in chunk.choices:
+                fields["content"].append(c.delta.content or "")
+                for name in ("reasoning", "observation"):
+                    fields[name].append(extra(c.delta, name) or "")
+        pieces = [p for values in fields.values() for p in values]
+        assert not any("<" in p or ">" in p for p in pieces)  # never a partial tag
+        assert "".join(fields["content"]) == "3"
+        assert "".join(fields["reasoning"]) == "Two red, one blue: 3"
+        assert "".join(fields["observation"]) == ""
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def test_nested_observe_with_the_think_variant_is_refused_naming_both_flags(tiny_model_dir):
+    from observe_r1.errors import InvalidValue
+    from observe_r1_serve.config import ServerConfig
+
+    with pytest.raises(InvalidValue, match="--nested-observe needs --format-variant='observe'.*not 'think'"):
+        ServerConfig(model=tiny_model_dir, format_variant="think", nested_observe=True)
+    with pytest.raises(InvalidValue, match="format_variant='plain': expected one of observe, think"):
+        ServerConfig(model=tiny_model_dir, format_variant="plain")

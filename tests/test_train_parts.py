@@ -126,3 +126,14 @@ def test_resume_truncates_metrics_and_plot(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert plot_curves(tmp_path / "none.jsonl", tmp_path / "x.png") is None
     assert math.isclose(read_jsonl(path)[-1]["reward/total"], 0.3)
+
+
+def test_sft_targets_follow_the_format_variant():
+    plain = Sample("a", [], "q", "7")
+    think = sft_target(plain, TargetConfig(), "think")
+    assert parse(think, variant="think").format_ok and "<observe>" not in think
+    own = Sample(
+        "c", [], "q", "7", extra={"response": "<observe>o</observe><think>t</think><answer>7</answer>"}
+    )
+    assert sft_target(own, TargetConfig(), "think") == "<think>t</think>\n<answer>7</answer>"
+    assert sft_target(own, TargetConfig()) == own.extra["response"]

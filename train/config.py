@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from observe_r1.config import ConfigError, load_config
+from observe_r1.format import DEFAULT_VARIANT, FormatVariant, nested_observe_problem
 from observe_r1.sampling import SamplingParams
 from observe_r1_train import algorithms
 from observe_r1_train.rewards import BONUS_COEF, BONUS_MIN_LEN, BUILTINS, DEFAULT_COMPONENTS, REWARD_CLAMP
@@ -59,7 +60,19 @@ class DataConfig:
     paths: list[Path]  # JSONL/Parquet sample files (observe_r1.data), read in this order
     shuffle: bool = False  # authors: read the ladder in file order; True shuffles with `seed`
     max_samples: int | None = None  # None: every row; the paper used the first 20,000 rows
-    system_prompt: str | None = None  # None: observe_r1.format.SYSTEM_PROMPT; "": no system prompt
+    system_prompt: str | None = None  # None: format.variant's built-in prompt; "": no system prompt
+
+
+@dataclass
+class FormatConfig:
+    """The output format the run trains (observe_r1.format.VARIANTS): GRPO rewards and SFT targets follow it.
+
+    A section of its own, shared by GRPO and SFT through `RunConfig`, because it is neither data nor
+    reward: it picks the default system prompt (`data.system_prompt: null`), the SFT targets, and every
+    format check of the rewards. The ladder has the same section (train/ladder/config.py).
+    """
+
+    variant: FormatVariant = DEFAULT_VARIANT  # observe: <observe><think><answer> [OR1]; think: plain R1
 
 
 @dataclass
@@ -140,7 +153,7 @@ class RewardConfig:
     bonus_min_len: int = BONUS_MIN_LEN
     bonus_requires_format: bool = True  # ours: only a well-formatted shortest answer wins the bonus
     clamp: float | None = REWARD_CLAMP  # authors clamp the total to [-clamp, clamp]; None: no clamp
-    nested_observe: bool = False  # also accept <observe> nested in <think> (the authors' regex)
+    nested_observe: bool = False  # also accept <observe> nested in <think> (the authors' regex); observe only
 
 
 @dataclass
@@ -239,6 +252,7 @@ class RunConfig:
 
     model: ModelConfig
     data: DataConfig
+    format: FormatConfig = field(default_factory=FormatConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -310,6 +324,10 @@ class TrainConfig(RunConfig):
             f"and rollout.filter.max_accuracy must satisfy 0 <= min <= max <= 1, got {low} and {high}",
         )
         _check(alg.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+        nested = nested_observe_problem(
+            self.format.variant, self.reward.nested_observe, ("reward.nested_observe", "format.variant")
+        )
+        _check(nested is None, "reward.nested_observe", str(nested))
         _check(bool(self.reward.components), "reward.components", "needs at least one reward")
         for spec in self.reward.components:
             _check(

@@ -6,7 +6,8 @@ A reward is a plain function `(completions, samples, **ctx) -> list[float]`. Two
   `completions`, `samples` and the context lists (`lengths`, `accuracies`), because it ranks the
   responses of a group against each other.
 The context keywords are `lengths` (generated tokens), `accuracies` (the built-in accuracy),
-`nested_observe`, `bonus_coef`, `bonus_min_len`, `bonus_requires_format`; a function receives only the ones it names, unless
+`format_variant` (the output format the run trains, `observe_r1.format.VARIANTS`), `nested_observe`,
+`bonus_coef`, `bonus_min_len`, `bonus_requires_format`; a function receives only the ones it names, unless
 it takes `**ctx`. A config names a component by its built-in name or as `module:function`.
 
 Accuracy is the core's answer check (`observe_r1.answer.accuracy`), which eval and the ladder share; the
@@ -24,7 +25,7 @@ from typing import Protocol
 from observe_r1.answer import accuracy
 from observe_r1.data import Sample
 from observe_r1.errors import InvalidValue
-from observe_r1.format import parse
+from observe_r1.format import DEFAULT_VARIANT, parse
 
 FORMAT_REWARD = 0.5
 BONUS_COEF = 0.2
@@ -45,9 +46,12 @@ def group_reward(fn: Callable) -> Callable:
     return fn
 
 
-def format_reward(completion: str, sample: Sample, nested_observe: bool = False) -> float:
-    """FORMAT_REWARD when format.py's check passes, else 0 (`sample` is unused: uniform signature)."""
-    return FORMAT_REWARD if parse(completion, nested_observe=nested_observe).format_ok else 0.0
+def format_reward(
+    completion: str, sample: Sample, nested_observe: bool = False, format_variant: str = DEFAULT_VARIANT
+) -> float:
+    """FORMAT_REWARD when format.py's check of `format_variant` passes, else 0 (`sample` is unused:
+    uniform signature)."""
+    return FORMAT_REWARD if parse(completion, nested_observe, format_variant).format_ok else 0.0
 
 
 @group_reward
@@ -60,6 +64,7 @@ def bonus_reward(
     bonus_min_len: int = BONUS_MIN_LEN,
     nested_observe: bool = False,
     bonus_requires_format: bool = True,
+    format_variant: str = DEFAULT_VARIANT,
     **_,
 ) -> list[float]:
     """+bonus_coef for the shortest correct response of ONE group, if it has more than `bonus_min_len` tokens.
@@ -76,7 +81,7 @@ def bonus_reward(
     correct = [
         i
         for i, (c, acc) in enumerate(zip(completions, accuracies, strict=True))
-        if acc >= 1.0 and (not bonus_requires_format or parse(c, nested_observe=nested_observe).format_ok)
+        if acc >= 1.0 and (not bonus_requires_format or parse(c, nested_observe, format_variant).format_ok)
     ]
     if correct:
         best = min(correct, key=lambda i: lengths[i])
@@ -89,8 +94,16 @@ def _accuracy(completions: list[str], samples: list[Sample], **_) -> list[float]
     return [accuracy(c, s) for c, s in zip(completions, samples, strict=True)]
 
 
-def _format(completions: list[str], samples: list[Sample], nested_observe: bool = False, **_) -> list[float]:
-    return [format_reward(c, s, nested_observe) for c, s in zip(completions, samples, strict=True)]
+def _format(
+    completions: list[str],
+    samples: list[Sample],
+    nested_observe: bool = False,
+    format_variant: str = DEFAULT_VARIANT,
+    **_,
+) -> list[float]:
+    return [
+        format_reward(c, s, nested_observe, format_variant) for c, s in zip(completions, samples, strict=True)
+    ]
 
 
 BUILTINS: dict[str, RewardFn] = {"accuracy": _accuracy, "format": _format, "bonus": bonus_reward}
@@ -150,6 +163,7 @@ def compute_rewards(
     group_size: int,
     components: Mapping[str, float] = DEFAULT_COMPONENTS,
     *,
+    format_variant: str = DEFAULT_VARIANT,
     nested_observe: bool = False,
     bonus_coef: float = BONUS_COEF,
     bonus_min_len: int = BONUS_MIN_LEN,
@@ -158,7 +172,8 @@ def compute_rewards(
 ) -> RewardBreakdown:
     """Total = Σ weight · component for a batch of consecutive groups of `group_size` responses.
 
-    `components` maps a built-in name or a `module:function` spec to its weight. The metrics are
+    `components` maps a built-in name or a `module:function` spec to its weight; every format check is
+    `format_variant`'s (with `nested_observe`, observe variant only). The metrics are
     the mean of the total and of each component, plus `accuracy` and `format_rate` (shares of
     responses with a correct answer and passing the format check, rewarded or not) and, with the
     bonus on, `bonus_rate` (share of groups where someone got the bonus).
@@ -173,6 +188,7 @@ def compute_rewards(
     ctx = {
         "lengths": list(lengths),
         "accuracies": accuracies,
+        "format_variant": format_variant,
         "nested_observe": nested_observe,
         "bonus_coef": bonus_coef,
         "bonus_min_len": bonus_min_len,
@@ -196,7 +212,11 @@ def compute_rewards(
         total = [min(max(t, -clamp), clamp) for t in total]
     metrics = {"reward/total": sum(total) / max(n, 1), "accuracy": sum(accuracies) / max(n, 1)}
     metrics |= {f"reward/{s}": sum(v) / max(n, 1) for s, v in values.items()}
-    formats = values["format"] if "format" in values else _format(completions, samples, nested_observe)
+    formats = (
+        values["format"]
+        if "format" in values
+        else _format(completions, samples, nested_observe, format_variant)
+    )
     metrics["format_rate"] = sum(v > 0 for v in formats) / max(n, 1)
     if "bonus" in values:
         metrics["bonus_rate"] = sum(v > 0 for v in values["bonus"]) / max(n // group_size, 1)

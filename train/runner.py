@@ -22,7 +22,7 @@ import torch
 from observe_r1.config import ConfigError, save_config
 from observe_r1.data import Sample, load_samples
 from observe_r1.errors import InvalidValue
-from observe_r1.format import SYSTEM_PROMPT
+from observe_r1.format import system_prompt
 from observe_r1.modeling import load_model, load_processor
 from observe_r1.sampling import SamplingParams
 from observe_r1_train import checkpoint
@@ -119,9 +119,7 @@ class Runner(abc.ABC):
         self.device = device_for_rank()
         seed_everything(cfg.seed + self.rank)
         self.output_dir = Path(cfg.checkpoint.output_dir)
-        self.system_prompt = (
-            SYSTEM_PROMPT if cfg.data.system_prompt is None else cfg.data.system_prompt or None
-        )
+        self.system_prompt = system_prompt(cfg.format.variant, cfg.data.system_prompt)
 
         samples = load_training_samples(cfg.data.paths, cfg.data.max_samples)
         self.stream = PromptStream(samples, batch, cfg.optim.epochs, cfg.data.shuffle, cfg.seed)

@@ -4,7 +4,9 @@ A random or untuned model almost never writes `<observe>…</observe><think>…<
 so every GRPO group scores the same and the advantages vanish. A few SFT steps on well-formed
 targets give the format reward something to work with. The target of a row is its own `response`
 field when it has one (a full formatted answer), else `observe_r1.format.format_response` of its
-`observation` and `reasoning` fields (or the config's defaults) and its gold answer.
+`observation` and `reasoning` fields (or the config's defaults) and its gold answer, both in the
+run's `format.variant`: with `think` an own response's observe block is left out
+(`observe_r1.format.to_variant`), and so is the observation of a built target.
 
 The loss is the token mean of -log p(target) over the response tokens (the prompt is not
 trained), computed through the same `RolloutBatch.model_inputs` as the GRPO update, so images
@@ -20,7 +22,7 @@ import torch
 
 from observe_r1.config import load_config
 from observe_r1.data import Sample
-from observe_r1.format import format_response
+from observe_r1.format import DEFAULT_VARIANT, format_response, to_variant
 from observe_r1.modeling import tokenizer_of
 from observe_r1.sampling import END_OF_TURN
 from observe_r1_train import algorithms
@@ -55,14 +57,14 @@ def load_sft_config(path: str | Path | None, overrides: list[str] | tuple[str, .
     return load_config(SFTConfig, path, overrides)
 
 
-def sft_target(sample: Sample, target: TargetConfig) -> str:
-    """The formatted response to imitate for `sample` (its own, or built from its fields)."""
+def sft_target(sample: Sample, target: TargetConfig, variant: str = DEFAULT_VARIANT) -> str:
+    """The response in `variant`'s format to imitate for `sample` (its own, or built from its fields)."""
     own = sample.extra.get(target.response_field)
     if isinstance(own, str) and own.strip():
-        return own
+        return to_variant(own, variant)
     observation = sample.extra.get(target.observation_field) or target.default_observation
     reasoning = sample.extra.get(target.reasoning_field) or target.default_reasoning
-    return format_response(str(observation), str(reasoning), sample.answer)
+    return format_response(str(observation), str(reasoning), sample.answer, variant)
 
 
 class SFTTrainer(Runner):
@@ -82,7 +84,7 @@ class SFTTrainer(Runner):
         tokenizer = tokenizer_of(self.processor)
         limit = self.cfg.target.max_target_tokens
         prompts = [process_prompt(self.processor, s, s.question, self.system_prompt) for s in samples]
-        texts = [sft_target(s, self.cfg.target) for s in samples]
+        texts = [sft_target(s, self.cfg.target, self.cfg.format.variant) for s in samples]
         targets = [tokenizer(text + END_OF_TURN).input_ids[:limit] for text in texts]
         width = max(len(t) for t in targets)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -268,6 +268,7 @@ class GRPOTrainer(Runner):
             batch.completion_lengths.tolist(),
             g,
             rw.components,
+            format_variant=cfg.format.variant,
             nested_observe=rw.nested_observe,
             bonus_coef=rw.bonus_coef,
             bonus_min_len=rw.bonus_min_len,

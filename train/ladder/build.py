@@ -28,7 +28,7 @@ from observe_r1.answer import accuracy
 from observe_r1.config import config_to_dict
 from observe_r1.data import is_url
 from observe_r1.errors import UserError
-from observe_r1.format import SYSTEM_PROMPT, parse
+from observe_r1.format import DEFAULT_VARIANT, parse, system_prompt
 from observe_r1.sampling import SamplingParams
 from observe_r1_train.ladder import curriculum, outputs
 from observe_r1_train.ladder.cache import SampleCache
@@ -113,8 +113,14 @@ def question_key(row: Row) -> str:
     return digest.hexdigest()
 
 
-def score(index: int, row: Row, responses: list[Response]) -> Scored:
-    """Accuracy (the training reward's answer check), format rate and tokens of a question's samples."""
+def format_rate(responses: list[Response], variant: str = DEFAULT_VARIANT) -> float:
+    """The share of responses that pass `variant`'s format check (the training reward's check)."""
+    return sum(parse(r.text, variant=variant).format_ok for r in responses) / len(responses)
+
+
+def score(index: int, row: Row, responses: list[Response], variant: str = DEFAULT_VARIANT) -> Scored:
+    """Accuracy (the training reward's answer check), format rate in `variant` and tokens of a question's
+    samples."""
     correct = sum(accuracy(r.text, row.sample) == 1.0 for r in responses)
     tokens = [r.tokens for r in responses]
     return Scored(
@@ -123,7 +129,7 @@ def score(index: int, row: Row, responses: list[Response]) -> Scored:
         correct=int(correct),
         k=len(responses),
         complexity=round(curriculum.complexity(tokens), 4),
-        format_rate=sum(parse(r.text).format_ok for r in responses) / len(responses),
+        format_rate=format_rate(responses, variant),
         truncated=sum(r.finish == "length" for r in responses),
         lengths=[int(t) for t in tokens] if all(r.exact for r in responses) else None,
     )
@@ -193,9 +199,7 @@ class Builder:
         self.progress = progress
         self.log = StepLog()
         self.timing: dict[str, dict[str, float]] = {}
-        self.system_prompt = (
-            SYSTEM_PROMPT if cfg.sampling.system_prompt is None else cfg.sampling.system_prompt or None
-        )
+        self.system_prompt = system_prompt(cfg.format.variant, cfg.sampling.system_prompt)
         self.params = cfg.sampling.params()
 
     def _summary(self, rows_read: int, reference: Sampler | None, prefilter: Sampler | None, **parts) -> dict:
@@ -401,13 +405,14 @@ class Builder:
             reference, questions, self.params, self.system_prompt, cache, "reference samples", self.progress
         )
         scored = [
-            score(i, r, cache.get(q.key, k)) for i, (q, r) in enumerate(zip(questions, rows, strict=True))
+            score(i, r, cache.get(q.key, k), cfg.format.variant)
+            for i, (q, r) in enumerate(zip(questions, rows, strict=True))
         ]
         sampled = histogram(scored, k)
         responses = [r for q in questions for r in cache.get(q.key, k)]
         stats = {
             "samples": len(responses),
-            "format_rate": sum(parse(r.text).format_ok for r in responses) / len(responses),
+            "format_rate": format_rate(responses, cfg.format.variant),
             "truncated_share": sum(r.finish == "length" for r in responses) / len(responses),
         }
         scored = self._filters(scored)

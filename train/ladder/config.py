@@ -18,6 +18,7 @@ from typing import Literal
 from observe_r1.config import ConfigError, load_config
 from observe_r1.data import OPTIONAL_FIELDS, REQUIRED_FIELDS
 from observe_r1.sampling import SamplingParams
+from observe_r1_train.config import FormatConfig
 
 # ours: the paper only says the hint tells the model the problem is hard and to verify its steps [DP].
 DIFFICULTY_HINT = (
@@ -96,7 +97,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # 1: none
     max_new_tokens: int = 8192  # the paper run's generation limit
     max_prompt_tokens: int = 9216  # local model only: longer prompts are refused before sampling
-    system_prompt: str | None = None  # None: observe_r1.format.SYSTEM_PROMPT; "": none
+    system_prompt: str | None = None  # None: format.variant's built-in prompt; "": none
     seed: int = 0
 
     def params(self) -> SamplingParams:
@@ -206,6 +207,9 @@ class LadderConfig:
     input: InputConfig = field(default_factory=InputConfig)
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    format: FormatConfig = field(
+        default_factory=FormatConfig
+    )  # the prompt asked for and the format_rate check
     prefilter: PrefilterConfig = field(default_factory=PrefilterConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
