@@ -357,7 +357,7 @@ def test_sft_then_grpo_raises_reward(tiny_model_dir, synth_dir, tmp_path):
 
     The tiny model cannot read the images, so its accuracy is at chance and most groups are all
     wrong; the Observe-R1 weight would zero those groups, so this run uses plain GRPO weights and
-    the format reward carries the signal."""
+    the format reward alone: the accuracy reward would add only chance noise to the curve."""
     sft_out = tmp_path / "sft"
     run(
         [
@@ -381,6 +381,7 @@ def test_sft_then_grpo_raises_reward(tiny_model_dir, synth_dir, tmp_path):
         "optim.train_batch=16",
         "optim.lr=3e-4",
         "algorithm.observe_weight=false",
+        "reward.components={format: 1.0}",
         "checkpoint.save_every=0",
     ]
     run(train_args(sft_out / "model", synth_dir, grpo, *steps))
