@@ -270,6 +270,7 @@ def test_every_example_is_rendered_and_the_chart_packages_without_them(tmp_path)
         "keda",
         "train-multinode",
         "eval-job",
+        "ladder-job",
     }
     helm("package", str(CHART), "--destination", str(tmp_path))
     listing = subprocess.run(
@@ -441,6 +442,48 @@ def test_the_single_node_training_job_runs_the_train_cli():
     assert "completionMode" not in objs[("Job", "rel-observe-r1-sft")]["spec"]
 
 
+def ladder_args(objs: dict) -> argparse.Namespace:
+    from observe_r1_train.ladder.cli import add_arguments
+
+    c = container(objs, "Job", "rel-observe-r1-ladder")
+    assert c["args"][0] == "ladder"
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(parser)
+    return parser.parse_args(c["args"][1:])
+
+
+def test_the_ladder_job_samples_through_the_release_service_or_in_its_pod():
+    objs = objects(example("ladder-job"))
+    args = ladder_args(objs)
+    assert (args.data, str(args.out), args.preset) == (
+        [Path("/data/datasets/rows.jsonl")],
+        "/data/ladder",
+        "neuraladder",
+    )
+    assert (args.server, args.server_model, args.model) == (
+        "http://rel-observe-r1:8000/v1",
+        "observe-r1",
+        None,
+    )
+    assert args.map == "question=problem,answer=solution" and args.overrides == ["smoothing.width=1"]
+    pod = objs[("Job", "rel-observe-r1-ladder")]["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["command"][-1] == "http://rel-observe-r1:8000/ready"
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env[API_KEY_ENV]["valueFrom"]["secretKeyRef"]["name"] == "observe-r1-api-key"
+    # A reference model in the pod: no server to wait for, the GPUs it asked for.
+    objs = objects(example("everything"))
+    args = ladder_args(objs)
+    assert (args.model, args.server, args.preset, args.samples) == (
+        "/data/models/reference",
+        None,
+        "difficulty-prior",
+        16,
+    )
+    pod = objs[("Job", "rel-observe-r1-ladder")]["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
 def test_the_eval_job_runs_the_eval_cli_against_the_release_service():
     from observe_r1_eval.run import run_parser
 
@@ -560,6 +603,8 @@ def assert_refused(sets: list[str], message: str) -> None:
         (["train.nodes=0"], "at '/train/nodes'"),
         (["train.overrides[0]=--lr"], "at '/train/overrides/0'"),
         (["eval.suite=mmmu"], "at '/eval/suite'"),
+        (["ladder.preset=easy"], "at '/ladder/preset'"),
+        (["ladder.server=host:8000"], "at '/ladder/server'"),
         (["data.type=hostPath"], "at '/data/hostPath'"),
     ],
 )
@@ -579,6 +624,7 @@ def test_the_schema_refuses_bad_values_naming_the_key(sets, message):
             "above autoscaling.maxReplicas",
         ),
         (["train.enabled=true"], "train.enabled needs a config"),
+        (["ladder.enabled=true", "ladder.out=/data/l"], "ladder.enabled needs ladder.data"),
     ],
 )
 def test_the_templates_refuse_what_the_schema_cannot_express(sets, message):

@@ -145,3 +145,32 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* An init container that waits until an OpenAI-compatible server answers /ready (it may still be
+loading its model), so a Job that needs it does not fail first: include "observe-r1.waitForServer"
+(list . $baseUrl), $baseUrl ending in /v1 */}}
+{{- define "observe-r1.waitForServer" -}}
+{{- $ctx := index . 0 }}
+{{- $url := index . 1 -}}
+- name: wait-for-server
+  image: {{ include "observe-r1.image" $ctx }}
+  imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+  securityContext:
+    {{- toYaml $ctx.Values.securityContext | nindent 4 }}
+  command:
+    - python
+    - -c
+    - |
+      import sys, time, urllib.request
+      url = sys.argv[1]
+      while True:
+          try:
+              urllib.request.urlopen(url, timeout=5)
+              break
+          except OSError as e:
+              print(f"waiting for {url}: {e}", flush=True)
+              time.sleep(10)
+    - {{ trimSuffix "/v1" $url }}/ready
+  volumeMounts:
+    {{- include "observe-r1.volumeMounts" $ctx | nindent 4 }}
+{{- end }}
