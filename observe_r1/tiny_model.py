@@ -176,7 +176,9 @@ def build_config(size: ModelSize, tokenizer):
     )
 
 
-def build(out_dir: str | Path, size: str | ModelSize = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
+def build(
+    out_dir: str | Path, size: str | ModelSize = "tiny", seed: int = 0, overwrite: bool = False
+) -> Path:
     """Write a randomly initialised Qwen2.5-VL model folder to `out_dir`, atomically. `size` names one
     of `SIZES` or is a `ModelSize` of its own."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration

@@ -82,13 +82,33 @@ def vllm_sampling(params: SamplingParams, stop_ids: list[int], seed: int, logpro
     )
 
 
-def vllm_request(prompt: dict[str, torch.Tensor], sample: Sample) -> dict:
-    """vLLM's prompt for one processed prompt: its token ids (image placeholders already expanded by
-    the processor), and the sample's images as `multi_modal_data`."""
-    request: dict = {"prompt_token_ids": prompt["input_ids"][0].tolist()}
+def vllm_request(prompt: dict[str, torch.Tensor], sample: Sample, image_token_id: int | None) -> dict:
+    """vLLM's prompt for one processed prompt: its token ids with each image's run of placeholders
+    collapsed to one `image_token_id`, and the sample's images as `multi_modal_data`.
+
+    vLLM expands every image placeholder it finds into the image's tokens itself, whether or not it is
+    already expanded: sent the processor's expanded ids, it would expand the run's first placeholder
+    again and read the rest as text (tests/test_vllm_rollout.py checks its expansion against ours)."""
+    ids = prompt["input_ids"][0].tolist()
+    request: dict = {"prompt_token_ids": ids}
     if sample.images:
+        request["prompt_token_ids"] = [
+            t for i, t in enumerate(ids) if not (t == image_token_id and i and ids[i - 1] == image_token_id)
+        ]
         request["multi_modal_data"] = {"image": open_images(sample.images)}
     return request
+
+
+def check_expanded(inputs: list[dict[str, torch.Tensor]], outputs) -> None:
+    """vLLM's prompts, as it expanded them, must be the processor's: the trainer scores the responses
+    after the latter."""
+    for prompt, output in zip(inputs, outputs, strict=True):
+        ours = prompt["input_ids"][0].tolist()
+        if list(output.prompt_token_ids) != ours:
+            raise RuntimeError(
+                f"vLLM expanded a prompt to {len(output.prompt_token_ids)} tokens where the processor "
+                f"made {len(ours)}: its image placeholders differ from the processor's"
+            )
 
 
 class VLLMRollout(RolloutEngine):
@@ -181,13 +201,15 @@ class VLLMRollout(RolloutEngine):
         inputs = [process_prompt(self.processor, s, p, system_prompt) for s, p in pairs]
         check_prompt_lengths(samples, inputs, max_prompt_tokens)
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()))
-        requests = [vllm_request(p, s) for p, s in zip(inputs, samples, strict=True)]
+        image_token_id = getattr(self.processor, "image_token_id", None)
+        requests = [vllm_request(p, s, image_token_id) for p, s in zip(inputs, samples, strict=True)]
         params = [vllm_sampling(sampling, self.eos_ids, keyed_seed(seed, s.id), logprobs) for s in samples]
         processed = time.perf_counter()
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        check_expanded(inputs, outputs)
         if self.sleeps:
             self.llm.sleep(level=1)
             self.asleep = True
