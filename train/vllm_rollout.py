@@ -3,10 +3,12 @@
 vLLM is built from the policy's checkpoint folder and then follows the trainer: before a rollout,
 `update_weights` pushes the policy's current parameters in place (vLLM's own `reload_weights`, which
 takes checkpoint names and maps them, e.g. Qwen2.5-VL's `model.language_model.*`, itself) and resets
-the prefix cache. The reset matters: vLLM keys cached blocks by token ids alone, so without it a
+the prefix cache, the encoder cache (the scheduler's and the worker's) and the multimodal cache. The
+prefix cache's reset matters: vLLM keys cached blocks by token ids alone, so without it a
 prompt seen before the push would reuse keys and values computed by the old weights (a silent bug
 of peer trainers; tests/test_vllm_rollout.py fails with the reset disabled). vLLM's `reload_weights`
-clears the encoder and multimodal caches itself.
+clears the worker's encoder cache but not the scheduler's record of it, so an image prompt seen before
+the push failed after it ("Encoder cache miss"; tested) until the engine reset that record too.
 
 The G responses of a prompt are one request with `n = G`, so they share its prefill; each request's
 seed is keyed to its sample (`keyed_seed`), so a response does not depend on its rank or batch. The
@@ -182,6 +184,10 @@ class VLLMRollout(RolloutEngine):
         )
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight push")
+        # `reload_weights` clears the worker's encoder outputs but not the scheduler's record of them:
+        # an image seen before the push would be taken as encoded and missed ("Encoder cache miss").
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
         self.version = version
         log.debug("pushed weights of version %d in %.2f s", version, time.perf_counter() - started)
 
