@@ -6,14 +6,13 @@ trainer's own log-probs. Skipped without vLLM."""
 import json
 
 import numpy as np
-
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
-from test_train_run import LEARNING, run, train_args  # noqa: E402
 from PIL import Image  # noqa: E402
+from test_train_run import LEARNING, run, train_args  # noqa: E402
 from vllm_helpers import image_only  # noqa: E402
 from vllm_helpers.tiny_qwen2 import build_tiny_qwen2  # noqa: E402
 from vllm_helpers.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl  # noqa: E402
@@ -21,10 +20,9 @@ from vllm_helpers.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl  # noqa: E402
 from observe_r1.data import Sample  # noqa: E402
 from observe_r1.modeling import load_model, load_processor  # noqa: E402
 from observe_r1.sampling import SamplingParams  # noqa: E402
-from observe_r1_train import algorithms  # noqa: E402
+from observe_r1_train import algorithms, vllm_rollout  # noqa: E402
 from observe_r1_train.config import VLLMRolloutConfig  # noqa: E402
 from observe_r1_train.rollout import TransformersRollout  # noqa: E402
-from observe_r1_train import vllm_rollout  # noqa: E402
 from observe_r1_train.vllm_rollout import VLLMRollout  # noqa: E402
 
 # fp32 on both sides; vLLM's CPU attention and matmuls sum in another order than torch's SDPA.
