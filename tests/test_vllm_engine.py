@@ -1,5 +1,7 @@
 """Our server on the vLLM engine, for real: vLLM's CPU build (`.venv-vllm`, see the Makefile) serving a
-tiny text-only Qwen2 (its Qwen2.5-VL path needs torchvision). Skipped where vLLM is not installed."""
+tiny text-only Qwen2 over HTTP, and the engine in-process on a tiny Qwen2.5-VL with an image (its
+Qwen2.5-VL path needs torchvision: the test shim `vllm_helpers.image_only` stands in for it, and works
+only in this process). Skipped where vLLM is not installed."""
 
 import asyncio
 import re
@@ -13,12 +15,15 @@ pytest.importorskip("vllm")
 from conftest import Server  # noqa: E402
 from test_serve import client, data_url, extra, image_message  # noqa: E402
 from test_serve_robustness import CHAT, wait_for_gauge  # noqa: E402
+from vllm_helpers import image_only  # noqa: E402
 from vllm_helpers.tiny_qwen2 import build_tiny_qwen2  # noqa: E402
+from vllm_helpers.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl  # noqa: E402
 
 from observe_r1.errors import UserError  # noqa: E402
 from observe_r1.format import parse  # noqa: E402
 from observe_r1_serve.config import ServerConfig  # noqa: E402
-from observe_r1_serve.vllm_engine import engine_args  # noqa: E402
+from observe_r1_serve.engine import EngineRequest  # noqa: E402
+from observe_r1_serve.vllm_engine import VLLMEngine, engine_args  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +269,42 @@ def test_penalties_bias_and_refusals_match_the_transformers_engine(vllm_server, 
     assert lp.token_logprobs[0] is None and scored.usage.completion_tokens == 0
     expected = [table[t - 1, prompt[t]].item() for t in range(1, len(prompt))]
     assert lp.token_logprobs[1:] == pytest.approx(expected, abs=2e-3)
+
+
+def test_image_request_in_process_matches_transformers(tmp_path, monkeypatch):
+    """The server's vLLM engine on the tiny Qwen2.5-VL (in this process, for the shim): the prompt
+    length it reports for an image request is the processor's expansion, and its greedy text is
+    transformers' on the same rendered prompt and image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from observe_r1.modeling import load_model, load_processor
+    from observe_r1.sampling import SamplingParams
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    image_only.install()
+    folder = build_tiny_qwen2_5_vl(tmp_path / "vl", seed=0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}]
+    config = ServerConfig(model=folder, engine="vllm", dtype="fp32", max_model_len=512, max_batch_size=2)
+
+    async def serve_one():
+        engine = VLLMEngine(config)
+        try:
+            request = EngineRequest(
+                "r", engine.render_prompt(messages), [image], SamplingParams(0.0, max_tokens=8)
+            )
+            await engine.prepare(request, 512)
+            return request, "".join([d.text async for d in engine.generate(request)])
+        finally:
+            await engine.shutdown()
+
+    request, text = asyncio.run(serve_one())
+    processor = load_processor(folder)
+    inputs = processor(text=[request.prompt], images=[image], return_tensors="pt")
+    assert request.prompt_tokens == inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = load_model(folder).generate(**inputs, max_new_tokens=8, do_sample=False)
+    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert text == expected and text
