@@ -1,14 +1,20 @@
 """Our server on the vLLM engine, for real: vLLM's CPU build (`.venv-vllm`, see the Makefile) serving a
-tiny text-only Qwen2 over HTTP, and the engine in-process on a tiny Qwen2.5-VL with an image (its
-Qwen2.5-VL path needs torchvision: the test shim `vllm_helpers.image_only` stands in for it, and works
-only in this process). Skipped where vLLM is not installed."""
+tiny text-only Qwen2 over HTTP, and a tiny Qwen2.5-VL answering an image request (vLLM's Qwen2.5-VL
+path needs torchvision: the test shim `vllm_helpers.image_only` stands in for it, loaded as a vLLM
+plugin). Skipped where vLLM is not installed."""
 
 import asyncio
+import base64
+import io
+import os
 import re
+from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
+from PIL import Image
 
 pytest.importorskip("vllm")
 
@@ -22,8 +28,7 @@ from vllm_helpers.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl  # noqa: E402
 from observe_r1.errors import UserError  # noqa: E402
 from observe_r1.format import parse  # noqa: E402
 from observe_r1_serve.config import ServerConfig  # noqa: E402
-from observe_r1_serve.engine import EngineRequest  # noqa: E402
-from observe_r1_serve.vllm_engine import VLLMEngine, engine_args  # noqa: E402
+from observe_r1_serve.vllm_engine import engine_args  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -271,40 +276,35 @@ def test_penalties_bias_and_refusals_match_the_transformers_engine(vllm_server, 
     assert lp.token_logprobs[1:] == pytest.approx(expected, abs=2e-3)
 
 
-def test_image_request_in_process_matches_transformers(tmp_path, monkeypatch):
-    """The server's vLLM engine on the tiny Qwen2.5-VL (in this process, for the shim): the prompt
-    length it reports for an image request is the processor's expansion, and its greedy text is
-    transformers' on the same rendered prompt and image."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from observe_r1.modeling import load_model, load_processor
-    from observe_r1.sampling import SamplingParams
-
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    image_only.install()
+def test_image_request_matches_the_transformers_engine(tmp_path):
+    """One image request, over HTTP, to our server on each engine serving the tiny Qwen2.5-VL: the vLLM
+    engine (vLLM's own processor expanding the placeholder, through the test shim, loaded as a vLLM
+    plugin in the server's processes) counts the prompt's tokens as the transformers engine does and
+    answers greedily with the same raw text."""
     folder = build_tiny_qwen2_5_vl(tmp_path / "vl", seed=0)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}]
-    config = ServerConfig(model=folder, engine="vllm", dtype="fp32", max_model_len=512, max_batch_size=2)
-
-    async def serve_one():
-        engine = VLLMEngine(config)
+    tests = Path(__file__).parent
+    env = {"PYTHONPATH": os.pathsep.join([str(image_only.plugin_path(tmp_path / "plugin")), str(tests)])}
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    noise = np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    url = f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+    answers = {}
+    for engine in ("vllm", "transformers"):
+        args = ["--engine", engine, "--dtype", "fp32", "--max-prompt-tokens", "512"]
+        args += ["--max-completion-tokens", "64", "--max-batch-size", "2"]
+        server = Server(folder, *args, env=env, log_dir=tmp_path).wait_ready(timeout=300)
         try:
-            request = EngineRequest(
-                "r", engine.render_prompt(messages), [image], SamplingParams(0.0, max_tokens=8)
+            answers[engine] = client(server).chat.completions.create(
+                model="tiny",
+                messages=image_message(url),
+                max_tokens=12,
+                temperature=0,
+                extra_body={"return_raw_text": True},
             )
-            await engine.prepare(request, 512)
-            return request, "".join([d.text async for d in engine.generate(request)])
         finally:
-            await engine.shutdown()
-
-    request, text = asyncio.run(serve_one())
-    processor = load_processor(folder)
-    inputs = processor(text=[request.prompt], images=[image], return_tensors="pt")
-    assert request.prompt_tokens == inputs["input_ids"].shape[1]
-    with torch.no_grad():
-        out = load_model(folder).generate(**inputs, max_new_tokens=8, do_sample=False)
-    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert text == expected and text
+            server.stop()
+    got, expected = answers["vllm"], answers["transformers"]
+    assert got.usage.prompt_tokens == expected.usage.prompt_tokens
+    assert got.usage.completion_tokens == expected.usage.completion_tokens > 0
+    assert extra(got.choices[0].message, "raw") == extra(expected.choices[0].message, "raw")

@@ -14,9 +14,13 @@ Two things in vLLM 0.32's Qwen2.5-VL path need torchvision, and nothing else in 
    the stock processor without its video processor, as this project loads it itself.
 
 Nothing else changes: vLLM's multimodal processor, its placeholder expansion and caches, its
-vision tower and its M-RoPE positions are its own. The engine must run in this process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0` and the uni executor, as `VLLMRollout` sets), since the
-registration is made in this process. Where torchvision exists this does nothing.
+vision tower and its M-RoPE positions are its own. Where torchvision exists this does nothing.
+
+In this process, call `install()` before building the engine (enough for `VLLMRollout`, whose engine
+runs here: `VLLM_ENABLE_V1_MULTIPROCESSING=0` and the uni executor). vLLM's async engine, the server's,
+runs its engine core in a spawned process (the CPU platform forces spawn): there `install` comes in as
+a vLLM general plugin, which vLLM loads in every process it starts, from the entry point that
+`plugin_path` writes (put that folder and tests/ on the child's PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+from pathlib import Path
 
 TORCHVISION_MODULE = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
 PIL_MODULE = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
@@ -63,3 +68,15 @@ def install() -> None:
         pass
 
     ModelRegistry.register_model(ARCHITECTURE, ImageOnlyQwen2_5_VL)
+
+
+def plugin_path(root: Path) -> Path:
+    """A folder holding an entry point `vllm.general_plugins: image_only = vllm_helpers.image_only:install`
+    (a bare dist-info, which `importlib.metadata` finds on `sys.path`)."""
+    info = root / "observe_r1_vllm_image_only-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: observe-r1-vllm-image-only\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(
+        "[vllm.general_plugins]\nimage_only = vllm_helpers.image_only:install\n"
+    )
+    return root
