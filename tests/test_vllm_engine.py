@@ -289,20 +289,24 @@ def test_image_request_matches_the_transformers_engine(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(noise).save(buf, format="PNG")
     url = f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
-    answers = {}
-    for engine in ("vllm", "transformers"):
-        args = ["--engine", engine, "--dtype", "fp32", "--max-prompt-tokens", "512"]
-        args += ["--max-completion-tokens", "64", "--max-batch-size", "2"]
-        server = Server(folder, *args, env=env, log_dir=tmp_path).wait_ready(timeout=300)
-        try:
-            answers[engine] = client(server).chat.completions.create(
+    servers = {}
+    try:
+        for engine in ("vllm", "transformers"):  # both start at once
+            args = ["--engine", engine, "--dtype", "fp32", "--max-prompt-tokens", "512"]
+            args += ["--max-completion-tokens", "64", "--max-batch-size", "2"]
+            servers[engine] = Server(folder, *args, env=env, log_dir=tmp_path)
+        answers = {
+            engine: client(server.wait_ready(timeout=300)).chat.completions.create(
                 model="tiny",
                 messages=image_message(url),
                 max_tokens=12,
                 temperature=0,
                 extra_body={"return_raw_text": True},
             )
-        finally:
+            for engine, server in servers.items()
+        }
+    finally:
+        for server in servers.values():
             server.stop()
     got, expected = answers["vllm"], answers["transformers"]
     assert got.usage.prompt_tokens == expected.usage.prompt_tokens
