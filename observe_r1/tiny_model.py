@@ -176,14 +176,20 @@ def build_config(size: ModelSize, tokenizer):
     )
 
 
-def build(out_dir: str | Path, size: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a randomly initialised Qwen2.5-VL model folder to `out_dir`, atomically."""
+def build(
+    out_dir: str | Path, size: str | ModelSize = "tiny", seed: int = 0, overwrite: bool = False
+) -> Path:
+    """Write a randomly initialised Qwen2.5-VL model folder to `out_dir`, atomically. `size` names one
+    of `SIZES` or is a `ModelSize` of its own."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if size not in SIZES:
+    if isinstance(size, ModelSize):
+        spec = size
+    elif size in SIZES:
+        spec = SIZES[size]
+    else:
         raise InvalidValue(f"unknown size '{size}' (choose from {', '.join(SIZES)})")
-    spec = SIZES[size]
     tokenizer = build_tokenizer(spec.vocab_size)
     config = build_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):

@@ -1,19 +1,29 @@
 """Our server on the vLLM engine, for real: vLLM's CPU build (`.venv-vllm`, see the Makefile) serving a
-tiny text-only Qwen2 (its Qwen2.5-VL path needs torchvision). Skipped where vLLM is not installed."""
+tiny text-only Qwen2 over HTTP, and a tiny Qwen2.5-VL answering an image request (vLLM's Qwen2.5-VL
+path needs torchvision: the test shim `vllm_helpers.image_only` stands in for it, loaded as a vLLM
+plugin). Skipped where vLLM is not installed."""
 
 import asyncio
+import base64
+import io
+import os
 import re
+from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
+from PIL import Image
 
 pytest.importorskip("vllm")
 
 from conftest import Server  # noqa: E402
 from test_serve import client, data_url, extra, image_message  # noqa: E402
 from test_serve_robustness import CHAT, wait_for_gauge  # noqa: E402
+from vllm_helpers import image_only  # noqa: E402
 from vllm_helpers.tiny_qwen2 import build_tiny_qwen2  # noqa: E402
+from vllm_helpers.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl  # noqa: E402
 
 from observe_r1.errors import UserError  # noqa: E402
 from observe_r1.format import parse  # noqa: E402
@@ -264,3 +274,41 @@ def test_penalties_bias_and_refusals_match_the_transformers_engine(vllm_server, 
     assert lp.token_logprobs[0] is None and scored.usage.completion_tokens == 0
     expected = [table[t - 1, prompt[t]].item() for t in range(1, len(prompt))]
     assert lp.token_logprobs[1:] == pytest.approx(expected, abs=2e-3)
+
+
+def test_image_request_matches_the_transformers_engine(tmp_path):
+    """One image request, over HTTP, to our server on each engine serving the tiny Qwen2.5-VL: the vLLM
+    engine (vLLM's own processor expanding the placeholder, through the test shim, loaded as a vLLM
+    plugin in the server's processes) counts the prompt's tokens as the transformers engine does and
+    answers greedily with the same raw text."""
+    folder = build_tiny_qwen2_5_vl(tmp_path / "vl", seed=0)
+    tests = Path(__file__).parent
+    env = {"PYTHONPATH": os.pathsep.join([str(image_only.plugin_path(tmp_path / "plugin")), str(tests)])}
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    noise = np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    url = f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+    servers = {}
+    try:
+        for engine in ("vllm", "transformers"):  # both start at once
+            args = ["--engine", engine, "--dtype", "fp32", "--max-prompt-tokens", "512"]
+            args += ["--max-completion-tokens", "64", "--max-batch-size", "2"]
+            servers[engine] = Server(folder, *args, env=env, log_dir=tmp_path)
+        answers = {
+            engine: client(server.wait_ready(timeout=300)).chat.completions.create(
+                model="tiny",
+                messages=image_message(url),
+                max_tokens=12,
+                temperature=0,
+                extra_body={"return_raw_text": True},
+            )
+            for engine, server in servers.items()
+        }
+    finally:
+        for server in servers.values():
+            server.stop()
+    got, expected = answers["vllm"], answers["transformers"]
+    assert got.usage.prompt_tokens == expected.usage.prompt_tokens
+    assert got.usage.completion_tokens == expected.usage.completion_tokens > 0
+    assert extra(got.choices[0].message, "raw") == extra(expected.choices[0].message, "raw")

@@ -1,20 +1,26 @@
 """The vLLM rollout engine (train/vllm_rollout.py) for real: vLLM's CPU build (`.venv-vllm`) on the tiny
-text-only Qwen2, against the transformers engine and the trainer's own log-probs. Skipped without vLLM."""
+text-only Qwen2 and, for image prompts, on a tiny Qwen2.5-VL (through the test-only shim in
+`vllm_helpers.image_only`: this machine has no torchvision), against the transformers engine and the
+trainer's own log-probs. Skipped without vLLM."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
+from PIL import Image  # noqa: E402
 from test_train_run import LEARNING, run, train_args  # noqa: E402
+from vllm_helpers import image_only  # noqa: E402
 from vllm_helpers.tiny_qwen2 import build_tiny_qwen2  # noqa: E402
+from vllm_helpers.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl  # noqa: E402
 
 from observe_r1.data import Sample  # noqa: E402
 from observe_r1.modeling import load_model, load_processor  # noqa: E402
 from observe_r1.sampling import SamplingParams  # noqa: E402
-from observe_r1_train import algorithms  # noqa: E402
+from observe_r1_train import algorithms, vllm_rollout  # noqa: E402
 from observe_r1_train.config import VLLMRolloutConfig  # noqa: E402
 from observe_r1_train.rollout import TransformersRollout  # noqa: E402
 from observe_r1_train.vllm_rollout import VLLMRollout  # noqa: E402
@@ -176,3 +182,97 @@ def test_grpo_run_with_the_vllm_engine(folders, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step-00000002"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics)
+
+
+# Image prompts: the tiny Qwen2.5-VL (head_dim 32), fp32. Its vision tower runs in vLLM with torch's
+# SDPA, the text model with vLLM's CPU attention; both sum in another order than transformers.
+IMAGE_LOGPROB_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def vl_folders(tmp_path_factory):
+    """The tiny Qwen2.5-VL, a copy with noisy weights (vision tower included), and three noise images."""
+    root = tmp_path_factory.mktemp("qwen2_5_vl")
+    base = build_tiny_qwen2_5_vl(root / "base", seed=0)
+    moved = root / "moved"
+    perturbed(load_model(base)).save_pretrained(moved)
+    load_processor(base).save_pretrained(moved)
+    rng = np.random.default_rng(0)
+    images = []
+    for i, (w, h) in enumerate([(64, 48), (100, 60), (56, 90)]):
+        path = root / f"noise{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+    return base, moved, images
+
+
+@pytest.fixture(scope="module")
+def vl_engine(vl_folders):
+    image_only.install()
+    engine = VLLMRollout(
+        str(vl_folders[0]), load_processor(vl_folders[0]), CONFIG, dtype="fp32", max_model_len=512, seed=0
+    )
+    yield engine
+    engine.close()
+
+
+def image_samples(images):
+    """One image, another, and two images in one prompt (placeholders of different lengths)."""
+    return [
+        Sample(id="i1", images=images[:1], question="How many circles?", answer="3"),
+        Sample(id="i2", images=images[1:2], question="Which bar is the tallest?", answer="B"),
+        Sample(id="i3", images=images[1:], question="Count the squares.", answer="2"),
+    ]
+
+
+def test_image_request_has_one_placeholder_per_image(vl_folders):
+    """vLLM expands each `<|image_pad|>` itself, so the request carries one per image."""
+    processor = load_processor(vl_folders[0])
+    pad = processor.image_token_id
+    for sample in image_samples(vl_folders[2]):
+        prompt = vllm_rollout.process_prompt(processor, sample, sample.question, None)
+        request = vllm_rollout.vllm_request(prompt, sample, pad)
+        ids = prompt["input_ids"][0].tolist()
+        assert request["prompt_token_ids"].count(pad) == len(sample.images) < ids.count(pad)
+        assert [t for t in ids if t != pad] == [t for t in request["prompt_token_ids"] if t != pad]
+        images = request["multi_modal_data"]["image"]
+        assert [im.size for im in images] == [Image.open(p).size for p in sample.images]
+        assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in images)
+
+
+def image_rollout(engine, images):
+    batch = image_samples(images)
+    return engine.generate(batch, [s.question for s in batch], GREEDY, logprobs=True)
+
+
+def test_image_prompts_match_the_transformers_engine(vl_engine, vl_folders):
+    """vLLM's own Qwen2.5-VL processor expands the placeholders as ours does (`check_expanded` runs in
+    every `generate`), and its greedy tokens and raw log-probs on image prompts are the transformers
+    engine's and the trainer's, before and after a weight push that moves the vision tower too."""
+    for version, folder in enumerate(vl_folders[:2]):
+        model = load_model(folder)
+        vl_engine.update_weights(model, version=version)
+        got = image_rollout(vl_engine, vl_folders[2])
+        expected = TransformersRollout(model, load_processor(folder)).generate(
+            image_samples(vl_folders[2]), [s.question for s in image_samples(vl_folders[2])], GREEDY
+        )
+        assert torch.equal(got.completion_ids, expected.completion_ids)
+        assert torch.equal(got.completion_mask, expected.completion_mask)
+        assert got.texts == expected.texts and got.finish_reasons == expected.finish_reasons
+        ours = trainer_logprobs(model, got)
+        assert (ours - got.logprobs).abs().max() < IMAGE_LOGPROB_ATOL
+
+
+def test_expanded_placeholders_sent_to_vllm_are_caught(vl_engine, vl_folders, monkeypatch):
+    """The request as the engine built it before (the processor's expanded ids): vLLM expands the first
+    placeholder of each run again, so the prompt it runs is longer than the processor's."""
+    monkeypatch.setattr(
+        vllm_rollout,
+        "vllm_request",
+        lambda p, s, _: {
+            "prompt_token_ids": p["input_ids"][0].tolist(),
+            "multi_modal_data": {"image": vllm_rollout.open_images(s.images)},
+        },
+    )
+    with pytest.raises(RuntimeError, match="image placeholders differ"):
+        image_rollout(vl_engine, vl_folders[2])

@@ -3,10 +3,12 @@
 vLLM is built from the policy's checkpoint folder and then follows the trainer: before a rollout,
 `update_weights` pushes the policy's current parameters in place (vLLM's own `reload_weights`, which
 takes checkpoint names and maps them, e.g. Qwen2.5-VL's `model.language_model.*`, itself) and resets
-the prefix cache. The reset matters: vLLM keys cached blocks by token ids alone, so without it a
+the prefix cache, the encoder cache (the scheduler's and the worker's) and the multimodal cache. The
+prefix cache's reset matters: vLLM keys cached blocks by token ids alone, so without it a
 prompt seen before the push would reuse keys and values computed by the old weights (a silent bug
 of peer trainers; tests/test_vllm_rollout.py fails with the reset disabled). vLLM's `reload_weights`
-clears the encoder and multimodal caches itself.
+clears the worker's encoder cache but not the scheduler's record of it, so an image prompt seen before
+the push failed after it ("Encoder cache miss"; tested) until the engine reset that record too.
 
 The G responses of a prompt are one request with `n = G`, so they share its prefill; each request's
 seed is keyed to its sample (`keyed_seed`), so a response does not depend on its rank or batch. The
@@ -82,13 +84,33 @@ def vllm_sampling(params: SamplingParams, stop_ids: list[int], seed: int, logpro
     )
 
 
-def vllm_request(prompt: dict[str, torch.Tensor], sample: Sample) -> dict:
-    """vLLM's prompt for one processed prompt: its token ids (image placeholders already expanded by
-    the processor), and the sample's images as `multi_modal_data`."""
-    request: dict = {"prompt_token_ids": prompt["input_ids"][0].tolist()}
+def vllm_request(prompt: dict[str, torch.Tensor], sample: Sample, image_token_id: int | None) -> dict:
+    """vLLM's prompt for one processed prompt: its token ids with each image's run of placeholders
+    collapsed to one `image_token_id`, and the sample's images as `multi_modal_data`.
+
+    vLLM expands every image placeholder it finds into the image's tokens itself, whether or not it is
+    already expanded: sent the processor's expanded ids, it would expand the run's first placeholder
+    again and read the rest as text (tests/test_vllm_rollout.py checks its expansion against ours)."""
+    ids = prompt["input_ids"][0].tolist()
+    request: dict = {"prompt_token_ids": ids}
     if sample.images:
+        request["prompt_token_ids"] = [
+            t for i, t in enumerate(ids) if not (t == image_token_id and i and ids[i - 1] == image_token_id)
+        ]
         request["multi_modal_data"] = {"image": open_images(sample.images)}
     return request
+
+
+def check_expanded(inputs: list[dict[str, torch.Tensor]], outputs) -> None:
+    """vLLM's prompts, as it expanded them, must be the processor's: the trainer scores the responses
+    after the latter."""
+    for prompt, output in zip(inputs, outputs, strict=True):
+        ours = prompt["input_ids"][0].tolist()
+        if list(output.prompt_token_ids) != ours:
+            raise RuntimeError(
+                f"vLLM expanded a prompt to {len(output.prompt_token_ids)} tokens where the processor "
+                f"made {len(ours)}: its image placeholders differ from the processor's"
+            )
 
 
 class VLLMRollout(RolloutEngine):
@@ -162,6 +184,10 @@ class VLLMRollout(RolloutEngine):
         )
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight push")
+        # `reload_weights` clears the worker's encoder outputs but not the scheduler's record of them:
+        # an image seen before the push would be taken as encoded and missed ("Encoder cache miss").
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
         self.version = version
         log.debug("pushed weights of version %d in %.2f s", version, time.perf_counter() - started)
 
@@ -181,13 +207,15 @@ class VLLMRollout(RolloutEngine):
         inputs = [process_prompt(self.processor, s, p, system_prompt) for s, p in pairs]
         check_prompt_lengths(samples, inputs, max_prompt_tokens)
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()))
-        requests = [vllm_request(p, s) for p, s in zip(inputs, samples, strict=True)]
+        image_token_id = getattr(self.processor, "image_token_id", None)
+        requests = [vllm_request(p, s, image_token_id) for p, s in zip(inputs, samples, strict=True)]
         params = [vllm_sampling(sampling, self.eos_ids, keyed_seed(seed, s.id), logprobs) for s in samples]
         processed = time.perf_counter()
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        check_expanded(inputs, outputs)
         if self.sleeps:
             self.llm.sleep(level=1)
             self.asleep = True

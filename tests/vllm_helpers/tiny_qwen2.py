@@ -1,7 +1,8 @@
 """A tiny text-only Qwen2 (`Qwen2ForCausalLM`) model folder, built offline, for exercising vLLM on CPU.
 
-vLLM's CPU build runs text-only models (its Qwen2.5-VL path needs torchvision, which is broken here),
-so the vLLM tests serve this model instead of `observe_r1.tiny_model`. It shares that model's
+vLLM's CPU build runs text-only models as they are (its Qwen2.5-VL path needs torchvision, which is
+broken here, and runs only through the test shim in `image_only.py`), so most vLLM tests serve this
+model instead of `observe_r1.tiny_model`. It shares that model's
 tokenizer (`build_tokenizer`): the same Qwen special tokens and chat template, so prompts and the
 `<observe>/<think>/<answer>` tags tokenize exactly as they do for the Qwen2.5-VL stand-in.
 
