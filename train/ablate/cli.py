@@ -57,7 +57,7 @@ def prepare(spec: MatrixSpec, out: Path) -> None:
 
 def run_all(spec: MatrixSpec, matrix: Path, out: Path) -> list[dict]:
     """Every unfinished cell-seed in plan order, the results rewritten after each; returns the summaries."""
-    jobs = plan(spec, out)
+    jobs, cells = plan(spec, out), {c.name: c for c in spec.cells}
     done: dict[str, list[dict]] = {}
     todo: list[Job] = []
     for job in jobs:
@@ -74,8 +74,8 @@ def run_all(spec: MatrixSpec, matrix: Path, out: Path) -> list[dict]:
             continue
         left = len(todo) - len(spent)
         eta = f"ETA {duration(left * sum(spent) / len(spent))}" if spent else "ETA after the first cell-seed"
-        overrides = " ".join(job.train_argv[job.train_argv.index("--no-progress") + 1 :])
-        log(f"{head}: train, serve, eval ({overrides}); elapsed {duration(time.monotonic() - start)}, {eta}")
+        overrides = " ".join(cells[job.cell].overrides) or "no overrides"
+        log(f"{head}: train ({overrides}), serve, eval; elapsed {duration(time.monotonic() - start)}, {eta}")
         began = time.monotonic()
         result = run_job(job, spec.eval, out, spec.reward_window)
         spent.append(time.monotonic() - began)
