@@ -4,7 +4,7 @@ eval, the seeds, a time budget, and the cells, each a name plus dotted overrides
     prepare:                     # optional: observe-r1 command lines run once, in order, before any cell
       model: [tiny-model, "{out}/base/model", --size, tiny, --seed, "0", --force]
     train:
-      config: ../../tiny_cpu.yaml            # relative to the matrix file's folder
+      config: "{configs}/tiny_cpu.yaml"       # a relative path is relative to the matrix file's folder
       overrides: ["model.path={out}/base/model", "data.paths=[{out}/base/data/data.jsonl]"]
     eval:
       data: "{out}/base/heldout/data.jsonl"   # --local-data of the local tasks
@@ -17,7 +17,8 @@ eval, the seeds, a time budget, and the cells, each a name plus dotted overrides
       - {name: ladder, overrides: [data.shuffle=false]}
       - {name: shuffled, overrides: [data.shuffle=true]}
 
-`{out}` in any command, override or path stands for the `--out` folder. The file loads like a config
+`{out}` in any command, override or path stands for the `--out` folder, `{configs}` for the train
+stage's packaged configs (train/configs). The file loads like a config
 (observe_r1.config): a `base:` file it extends, unknown keys refused with a suggestion. `load_matrix`
 then checks every cell's overrides against the train config, so a typo stops the command before
 anything trains, with the file, the cell and the key.
@@ -32,6 +33,7 @@ from pathlib import Path
 from observe_r1.config import ConfigError, load_config
 from observe_r1_train.config import load_training_config
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # Overrides the runner sets itself for every cell-seed; a matrix may not set them.
 RUNNER_KEYS = ("seed", "max_time_s", "checkpoint.output_dir", "checkpoint.resume")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -103,8 +105,9 @@ class MatrixSpec:
 
 
 def fill(text: str, out: Path) -> str:
-    """`text` with `{out}` replaced by the output folder (nothing else is a placeholder)."""
-    return text.replace("{out}", str(out))
+    """`text` with `{out}` replaced by the output folder and `{configs}` by the train stage's packaged
+    configs (train/configs); nothing else is a placeholder."""
+    return text.replace("{out}", str(out)).replace("{configs}", str(CONFIGS))
 
 
 def cell_overrides(spec: MatrixSpec, cell: CellSpec, out: Path) -> list[str]:
