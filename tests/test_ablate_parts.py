@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from observe_r1.cli import build_parser
 from observe_r1.config import ConfigError
+from observe_r1_eval.run import run_parser
 from observe_r1_train.ablate import report
-from observe_r1_train.ablate.cell import check_job_file, results
+from observe_r1_train.ablate.cell import check_job_file, eval_argv, results, serve_argv
 from observe_r1_train.ablate.plan import plan
 from observe_r1_train.ablate.spec import MatrixError, load_matrix
 from observe_r1_train.ablate.stats import mean_curve, t_interval, t_quantile, t_two_sided_cdf
@@ -218,4 +220,8 @@ def test_shipped_matrices_load_with_every_cell(path, tmp_path):
         return
     spec = load_matrix(path, tmp_path)
     assert len(spec.cells) >= 2 and len(spec.seeds) >= 2 and spec.time_budget_s
-    assert all(job.train_argv[0] == "train" for job in plan(spec, tmp_path))
+    parser, job = build_parser(), plan(spec, tmp_path)[0]
+    parser.parse_args(list(job.train_argv))
+    parser.parse_args(serve_argv(spec.eval, job, 8000))
+    eval_args = eval_argv(spec.eval, job, "http://127.0.0.1:8000/v1", tmp_path)
+    assert run_parser().parse_args(eval_args[1:]).model == "ablate"

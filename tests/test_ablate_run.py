@@ -6,7 +6,6 @@ starts)."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -76,6 +76,12 @@ def train(job: Job) -> None:
         raise CellFailed(f"{job.label}: training stopped before its end (a signal?); run again to resume")
 
 
+def serve_argv(spec: EvalSpec, job: Job, port: int) -> list[str]:
+    """`observe-r1 serve` of the cell-seed's export on 127.0.0.1:`port`."""
+    argv = ["serve", "--model", str(job.model_dir), "--served-model-name", SERVED_NAME]
+    return [*argv, "--port", str(port), "--log-level", "warning", *spec.serve_args]
+
+
 def eval_argv(spec: EvalSpec, job: Job, base_url: str, out: Path) -> list[str]:
     """`observe-r1 eval` of the served export on the held-out set."""
     argv = ["eval", *(["--suite", spec.suite] if spec.suite else ["--tasks", ",".join(spec.tasks)])]
@@ -96,11 +102,12 @@ def evaluate(spec: EvalSpec, job: Job, out: Path) -> dict:
     if not report.is_file():
         shutil.rmtree(job.eval_dir, ignore_errors=True)  # its tasks' settings held the old server's port
         port = free_port()
-        serve = ["serve", "--model", str(job.model_dir), "--served-model-name", SERVED_NAME]
-        serve += ["--port", str(port), "--log-level", "warning", *spec.serve_args]
         with open(job.dir / "serve.log", "ab") as log:
             server = subprocess.Popen(
-                observe_r1(serve), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                observe_r1(serve_argv(spec, job, port)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         try:
             base_url = f"http://127.0.0.1:{port}/v1"

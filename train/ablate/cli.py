@@ -20,7 +20,7 @@ from observe_r1.command import Command
 from observe_r1.errors import UserError
 from observe_r1.io import atomic_write_text
 from observe_r1_train.ablate import report
-from observe_r1_train.ablate.cell import CellFailed, run_job, run_logged
+from observe_r1_train.ablate.cell import CellFailed, check_job_file, run_job, run_logged
 from observe_r1_train.ablate.plan import Job, plan
 from observe_r1_train.ablate.spec import MatrixSpec, fill, load_matrix
 
@@ -65,6 +65,7 @@ def run_all(spec: MatrixSpec, matrix: Path, out: Path) -> list[dict]:
         if result is None:
             todo.append(job)
         else:
+            check_job_file(job)  # a finished cell-seed of other overrides would be reported as this one
             done.setdefault(job.cell, []).append(result)
     start, spent = time.monotonic(), []
     for i, job in enumerate(jobs, 1):

@@ -18,10 +18,10 @@ eval, the seeds, a time budget, and the cells, each a name plus dotted overrides
       - {name: shuffled, overrides: [data.shuffle=true]}
 
 `{out}` in any command, override or path stands for the `--out` folder, `{configs}` for the train
-stage's packaged configs (train/configs). The file loads like a config
-(observe_r1.config): a `base:` file it extends, unknown keys refused with a suggestion. `load_matrix`
-then checks every cell's overrides against the train config, so a typo stops the command before
-anything trains, with the file, the cell and the key.
+stage's packaged configs (train/configs). The file loads like a config (observe_r1.config): a `base:`
+file it extends, unknown keys refused with a suggestion. `load_matrix` then checks every cell's
+overrides against the train config, so a typo stops the command before anything trains, with the
+file, the cell and the key.
 """
 
 from __future__ import annotations
