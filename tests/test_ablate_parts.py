@@ -15,7 +15,7 @@ from observe_r1_eval.run import run_parser
 from observe_r1_train.ablate import report
 from observe_r1_train.ablate.cell import check_job_file, eval_argv, results, serve_argv
 from observe_r1_train.ablate.plan import plan
-from observe_r1_train.ablate.spec import MatrixError, load_matrix
+from observe_r1_train.ablate.spec import MatrixError, check_inputs, load_matrix
 from observe_r1_train.ablate.stats import mean_curve, t_interval, t_quantile, t_two_sided_cdf
 from observe_r1_train.config import TrainConfig
 
@@ -112,6 +112,22 @@ def test_bad_matrices_are_refused_naming_file_cell_and_key(tmp_path, changes, me
     with pytest.raises(ConfigError) as e:
         load_matrix(path, tmp_path / "out")
     assert str(path) in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_missing_inputs_are_found_before_the_first_cell_trains(tmp_path, tiny_model_dir, synth_dir):
+    rows = synth_dir / "data.jsonl"
+    train = {
+        "config": str(REPO / "train" / "configs" / "tiny_cpu.yaml"),
+        "overrides": [f"model.path={tiny_model_dir}", f"data.paths=[{rows}]"],
+    }
+    cells = [{"name": "a"}, {"name": "b", "overrides": ["data.paths=[{out}/nowhere.jsonl]"]}]
+    path, out = write_matrix(tmp_path, train=train, cells=cells), tmp_path / "out"
+    spec = load_matrix(path, out)  # the paths are not checked yet: a prepare step may make them
+    with pytest.raises(MatrixError, match=r"cell 'b' \(cells\[1\]\): data.paths\[0\]: no such file"):
+        check_inputs(spec, path, out)
+    spec.cells = spec.cells[:1]
+    with pytest.raises(MatrixError, match="eval.data: no such file"):
+        check_inputs(spec, path, out)
 
 
 def test_plan_runs_every_cell_with_a_seed_before_the_next_seed(tmp_path):

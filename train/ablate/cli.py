@@ -22,7 +22,7 @@ from observe_r1.io import atomic_write_text
 from observe_r1_train.ablate import report
 from observe_r1_train.ablate.cell import CellFailed, check_job_file, run_job, run_logged
 from observe_r1_train.ablate.plan import Job, plan
-from observe_r1_train.ablate.spec import MatrixSpec, fill, load_matrix
+from observe_r1_train.ablate.spec import MatrixSpec, check_inputs, fill, load_matrix
 
 
 def log(message: str) -> None:
@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _stop)  # a stop reaches the training run as SIGTERM
     try:
         prepare(spec, out)
+        check_inputs(spec, args.matrix, out)
         run_all(spec, args.matrix, out)
     except KeyboardInterrupt:
         log("stopped; run the same command again to resume")

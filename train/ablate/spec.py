@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from observe_r1.config import ConfigError, load_config
-from observe_r1_train.config import load_training_config
+from observe_r1_train.config import load_training_config, validate_paths
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # Overrides the runner sets itself for every cell-seed; a matrix may not set them.
@@ -136,6 +136,19 @@ def check_cells(spec: MatrixSpec, path: Path, out: Path) -> None:
             load_training_config(spec.train.config, cell_overrides(spec, cell, out))
         except ConfigError as e:
             raise MatrixError(f"{path}: cell '{cell.name}' (cells[{i}]): {e}") from None
+
+
+def check_inputs(spec: MatrixSpec, path: Path, out: Path) -> None:
+    """After the prepare steps: every cell's data and model exist (the train config's own check), and
+    the held-out rows; so a wrong path stops the matrix before its first cell trains, not at its cell."""
+    for i, cell in enumerate(spec.cells):
+        try:
+            validate_paths(load_training_config(spec.train.config, cell_overrides(spec, cell, out)))
+        except ConfigError as e:
+            raise MatrixError(f"{path}: cell '{cell.name}' (cells[{i}]): {e}") from None
+    data = spec.eval.data and Path(fill(str(spec.eval.data), out))
+    if data and not data.is_file():
+        raise MatrixError(f"{path}: eval.data: no such file: {data}")
 
 
 def check_prepare(spec: MatrixSpec, path: Path, out: Path) -> None:
