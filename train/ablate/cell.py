@@ -27,8 +27,8 @@ SERVED_NAME = "ablate"
 LENGTH_PARTS = ("observation", "reasoning", "answer")
 
 
-class CellFailed(UserError, RuntimeError):
-    """A cell-seed's subcommand failed; the message names the cell-seed and its log."""
+class CommandFailed(UserError, RuntimeError):
+    """A subcommand (a prepare step, train, eval) failed; the message names it and its log."""
 
 
 def observe_r1(argv: list[str] | tuple[str, ...]) -> list[str]:
@@ -71,9 +71,11 @@ def train(job: Job) -> None:
         return
     status = run_logged(list(job.train_argv), job.dir / "train.log")
     if status != 0:
-        raise CellFailed(f"{job.label}: observe-r1 train failed (exit {status}); see {job.dir / 'train.log'}")
+        raise CommandFailed(
+            f"{job.label}: observe-r1 train failed (exit {status}); see {job.dir / 'train.log'}"
+        )
     if not (job.model_dir / "config.json").is_file():
-        raise CellFailed(f"{job.label}: training stopped before its end (a signal?); run again to resume")
+        raise CommandFailed(f"{job.label}: training stopped before its end (a signal?); run again to resume")
 
 
 def serve_argv(spec: EvalSpec, job: Job, port: int) -> list[str]:
@@ -121,7 +123,7 @@ def evaluate(spec: EvalSpec, job: Job, out: Path) -> dict:
                 server.kill()
                 server.wait()
         if status != 0:
-            raise CellFailed(
+            raise CommandFailed(
                 f"{job.label}: observe-r1 eval failed (exit {status}); see {job.dir / 'eval.log'}"
             )
     return json.loads(report.read_text())

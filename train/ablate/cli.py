@@ -20,7 +20,7 @@ from observe_r1.command import Command
 from observe_r1.errors import UserError
 from observe_r1.io import atomic_write_text
 from observe_r1_train.ablate import report
-from observe_r1_train.ablate.cell import CellFailed, check_job_file, run_job, run_logged
+from observe_r1_train.ablate.cell import CommandFailed, check_job_file, run_job, run_logged
 from observe_r1_train.ablate.plan import Job, plan
 from observe_r1_train.ablate.spec import MatrixSpec, check_inputs, fill, load_matrix
 
@@ -51,7 +51,9 @@ def prepare(spec: MatrixSpec, out: Path) -> None:
         log(f"prepare {name}: observe-r1 {' '.join(line)}")
         status = run_logged(line, out / "prepare" / f"{name}.log")
         if status != 0:
-            raise CellFailed(f"prepare.{name} failed (exit {status}); see {out / 'prepare' / f'{name}.log'}")
+            raise CommandFailed(
+                f"prepare.{name} failed (exit {status}); see {out / 'prepare' / f'{name}.log'}"
+            )
         atomic_write_text(marker, json.dumps({"argv": line}, indent=2) + "\n")
 
 
