@@ -25,7 +25,8 @@ SMALL_STEP = [
 ]
 
 
-def matrix(tmp_path: Path, model: Path, data: Path, cells: list[dict]) -> Path:
+def matrix(tmp_path: Path, model: Path, data: Path, cells: dict[str, list[str]]) -> Path:
+    """A matrix of `cells` (name -> overrides) on the tiny model, its held-out rows made by a prepare step."""
     spec = {
         "prepare": {"heldout": ["synth-data", "{out}/heldout", "--n", "4", "--seed", "1", "--force"]},
         "train": {
@@ -40,7 +41,7 @@ def matrix(tmp_path: Path, model: Path, data: Path, cells: list[dict]) -> Path:
         },
         "seeds": [0],
         "time_budget_s": 300,
-        "cells": cells,
+        "cells": [{"name": name, "overrides": overrides} for name, overrides in cells.items()],
     }
     path = tmp_path / "matrix.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -57,10 +58,7 @@ def ablate(path: Path, out: Path) -> subprocess.CompletedProcess:
     not (REPO / ".venv-eval" / "bin" / "python").exists(), reason="lmms-eval's environment: make setup-eval"
 )
 def test_two_cells_train_serve_eval_report_and_resume(tiny_model_dir, synth_dir, tmp_path):
-    cells = [
-        {"name": "ladder", "overrides": ["data.shuffle=false"]},
-        {"name": "shuffled", "overrides": ["data.shuffle=true"]},
-    ]
+    cells = {"ladder": ["data.shuffle=false"], "shuffled": ["data.shuffle=true"]}
     path, out = matrix(tmp_path, tiny_model_dir, synth_dir, cells), tmp_path / "out"
     first = ablate(path, out)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -103,10 +101,7 @@ def test_two_cells_train_serve_eval_report_and_resume(tiny_model_dir, synth_dir,
 
 
 def test_a_bad_override_is_refused_before_anything_runs(tiny_model_dir, synth_dir, tmp_path):
-    cells = [
-        {"name": "good", "overrides": ["algorithm.weight_sigma=1.0"]},
-        {"name": "typo", "overrides": ["algorithm.weight_sgma=1.0"]},
-    ]
+    cells = {"good": ["algorithm.weight_sigma=1.0"], "typo": ["algorithm.weight_sgma=1.0"]}
     path, out = matrix(tmp_path, tiny_model_dir, synth_dir, cells), tmp_path / "out"
     proc = ablate(path, out)
     assert proc.returncode == 2, proc.stderr
