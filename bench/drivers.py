@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import time
@@ -20,6 +19,7 @@ import httpx
 from workload import QUESTION
 
 from observe_r1.chat import build_messages
+from observe_r1.net import free_port  # noqa: F401 (the benchmarks take it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT_FIELDS = ("content", "reasoning", "reasoning_content", "observation")
@@ -141,12 +141,6 @@ class Setup:
             "levels": self.levels,
             "error": self.error,
         }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerStartError(RuntimeError):

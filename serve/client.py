@@ -6,37 +6,15 @@ from __future__ import annotations
 import argparse
 import base64
 import mimetypes
-import time
 from pathlib import Path
 
 from observe_r1.command import Command
-from observe_r1.errors import UserError
+from observe_r1.net import wait_ready
 
 
 def image_data_url(path: Path) -> str:
     mime = mimetypes.guess_type(path.name)[0] or "image/png"
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-
-class ServerNotReady(UserError, TimeoutError):
-    """The server did not turn ready in time."""
-
-
-def wait_ready(base_url: str, timeout: float) -> None:
-    """Poll the server's `/ready` (next to `/v1`) until the model is loaded."""
-    import httpx
-
-    root = base_url.removesuffix("/").removesuffix("/v1")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{root}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise ServerNotReady(f"the server at {root} was not ready within {timeout:.0f}s")
-        time.sleep(0.25)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

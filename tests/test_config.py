@@ -313,6 +313,7 @@ def test_named_choices_are_the_registry_keys():
         ("optim.lr=0", "optim.lr: must be > 0"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last: must be >= 1"),
         ("max_steps=0", "max_steps: must be >= 1"),
+        ("max_time_s=0", "max_time_s: must be > 0"),
         ("data.paths=[]", "data.paths: needs at least one data file"),
     ],
 )

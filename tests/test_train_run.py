@@ -332,6 +332,22 @@ def test_bf16_checkpointing_frozen_vision_and_kl_reference(tiny_model_dir, synth
     )
 
 
+def test_time_budget_ends_the_run_with_a_checkpoint_and_the_export(tiny_model_dir, synth_dir, tmp_path):
+    """`max_time_s` spent after the first step: the run ends there as at its last step (checkpoint,
+    export, curves); started again, it finds the budget spent in its checkpoint and trains no more."""
+    out = tmp_path / "out"
+    args = train_args(tiny_model_dir, synth_dir, out, "max_steps=3", "max_time_s=0.001", *LEARNING)
+    first = json.loads((proc := run(args)).stdout[proc.stdout.index("{") :])
+    assert first["step"] == 1 and first["total_steps"] == 3 and first["time_up"], first
+    assert "max_time_s=0.001 spent" in proc.stderr
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+    assert [step for step, _ in list_checkpoints(out)] == [1]
+    assert (out / "model" / "config.json").is_file() and (out / "curves.png").is_file()
+    again = json.loads((proc := run(args)).stdout[proc.stdout.index("{") :])
+    assert again["start_step"] == again["step"] == 1 and again["time_up"], again
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

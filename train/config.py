@@ -259,6 +259,9 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 42  # OpenRLHF's default
     max_steps: int | None = None  # None: `optim.epochs` passes over the data
+    # ours: a budget of training seconds (the step loop, summed over resumes; loading not counted). Once
+    # spent, the run stops after the step under way, saves a checkpoint and exports as at its end.
+    max_time_s: float | None = None
 
     def __post_init__(self):
         """Cross-field checks, so a bad combination fails at load time and not after the model loads."""
@@ -274,6 +277,11 @@ class RunConfig:
             ("max_steps", self.max_steps, 1),  # null: optim.epochs over the data
         ]:
             _check_at_least(key, value, low)
+        _check(
+            self.max_time_s is None or self.max_time_s > 0,
+            "max_time_s",
+            f"must be > 0, got {self.max_time_s}",
+        )
         _check(opt.train_batch % opt.micro_batch == 0, "optim.micro_batch", "must divide optim.train_batch")
         _check(opt.lr > 0, "optim.lr", f"must be > 0, got {opt.lr}")
         _check(0 <= opt.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")

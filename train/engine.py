@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 from functools import partial
 from typing import Any
 
 import torch
+
+from observe_r1.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,6 @@ def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     """Warm-up length in optimizer steps: ceil(ratio x total), as OpenRLHF computes it."""
     return math.ceil(warmup_ratio * total_steps)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _skip_shared_memory_op() -> None:
@@ -80,7 +75,7 @@ def init_distributed() -> tuple[int, int]:
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 

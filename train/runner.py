@@ -12,6 +12,7 @@ import abc
 import logging
 import random
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,7 @@ class Runner(abc.ABC):
         )
         self.engine = initialize(model, self.ds_config, optimizer, scheduler)
         self.start_step = 0
+        self.elapsed_s = 0.0  # training seconds before this start (from the checkpoint)
         self._stop_requested = False
 
     def rank_block(self) -> int:
@@ -184,6 +186,7 @@ class Runner(abc.ABC):
             return 0
         state = checkpoint.load(self.engine, path)
         self.stream.load_state_dict(state["stream"])
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
         log.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
 
@@ -246,19 +249,30 @@ class Runner(abc.ABC):
         log.warning("signal %d: stopping after this step with a checkpoint", signum)
         self._stop_requested = True
 
-    def _save(self, step: int) -> None:
+    def _time_up(self, elapsed_s: float) -> bool:
+        """Whether `max_time_s` is spent on any rank (every rank calls this after each step, so they
+        all stop after the same step)."""
+        budget = self.cfg.max_time_s
+        if budget is None:
+            return False
+        return self.sum_over_ranks([float(elapsed_s >= budget)])[0] > 0
+
+    def _save(self, step: int, elapsed_s: float) -> None:
         checkpoint.save(
             self.engine,
             self.output_dir,
             step,
-            {"stream": self.stream.state_dict()},
+            {"stream": self.stream.state_dict(), "elapsed_s": elapsed_s},
             self.cfg.checkpoint.keep_last,
         )
 
     def train(self) -> dict[str, Any]:
         """Run steps `start_step + 1 .. total_steps` with checkpoints, then export and plot.
 
-        Returns a summary: the step reached, the last checkpoint, the export and curve paths."""
+        A run whose `max_time_s` is spent stops after the step under way and ends as at `total_steps`:
+        a checkpoint, the export, the curves. SIGTERM only checkpoints (the run resumes later).
+        Returns a summary: the step reached, the last checkpoint, the training seconds, whether the
+        time budget stopped it, the export and curve paths."""
         cfg = self.cfg
         self.start_step = self._resume()
         tracker = Tracker(
@@ -273,8 +287,9 @@ class Runner(abc.ABC):
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         bar = self._progress_bar()
         step = saved = self.start_step
+        started, time_up = time.monotonic() - self.elapsed_s, self._time_up(self.elapsed_s)
         try:
-            while step < self.total_steps and not self._stop_requested:
+            while step < self.total_steps and not self._stop_requested and not time_up:
                 self._step_start = self.stream.state_dict()
                 try:
                     result = self.step()
@@ -282,6 +297,15 @@ class Runner(abc.ABC):
                     self._data_ran_out(step)
                     break
                 step += 1
+                elapsed = time.monotonic() - started
+                time_up = self._time_up(elapsed)
+                if time_up and step < self.total_steps:
+                    log.warning(
+                        "max_time_s=%s spent (%.0f s) after step %d: ending the run",
+                        cfg.max_time_s,
+                        elapsed,
+                        step,
+                    )
                 if step % cfg.logging.log_every == 0:
                     tracker.log(step, result.metrics)
                     tracker.log_rollouts(step, result.rollouts)
@@ -291,11 +315,16 @@ class Runner(abc.ABC):
                         {k: f"{result.metrics[k]:.3f}" for k in self.postfix_keys if k in result.metrics}
                     )
                 every = cfg.checkpoint.save_every
-                if (every and step % every == 0) or step == self.total_steps or self._stop_requested:
-                    self._save(step)
+                if (
+                    (every and step % every == 0)
+                    or step == self.total_steps
+                    or self._stop_requested
+                    or time_up
+                ):
+                    self._save(step, elapsed)
                     saved = step
             if saved != step:  # the data ran out before the planned last step
-                self._save(step)
+                self._save(step, time.monotonic() - started)
                 saved = step
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -307,8 +336,10 @@ class Runner(abc.ABC):
             "step": step,
             "total_steps": self.total_steps,
             "checkpoint_step": saved,
+            "elapsed_s": round(time.monotonic() - started, 1),
+            "time_up": time_up and step < self.total_steps,
         }
-        if step == self.total_steps and cfg.checkpoint.export_hf:
+        if (step == self.total_steps or time_up) and cfg.checkpoint.export_hf:
             summary["model"] = str(
                 checkpoint.export_hf(
                     self.engine, self.processor, self.output_dir / "model", self.trained_sampling()

@@ -1,0 +1,87 @@
+"""The cell-seeds of a matrix, their folders and command lines, and which of them are finished.
+
+DIR/cells/CELL/seed-S/
+    job.json     what this cell-seed runs (its train command line); a later sitting must match it
+    train/       checkpoint.output_dir of `observe-r1 train` (metrics.jsonl, checkpoints, model/)
+    train.log    its output
+    serve.log    `observe-r1 serve` on train/model
+    eval/        `observe-r1 eval --output` (report.json)
+    eval.log     its output
+    done.json    the results, written atomically last: the cell-seed is finished
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from observe_r1.format import DEFAULT_VARIANT
+from observe_r1_train.ablate.spec import CellSpec, MatrixSpec, cell_overrides
+from observe_r1_train.config import load_training_config
+
+DONE = "done.json"
+JOB = "job.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One cell trained with one seed."""
+
+    cell: str
+    seed: int
+    dir: Path
+    train_argv: tuple[str, ...]  # `observe-r1 ...`: the train command line
+    format_variant: str = DEFAULT_VARIANT  # the cell's format.variant, which serve and eval must share
+
+    @property
+    def label(self) -> str:
+        return f"cell {self.cell!r} seed {self.seed}"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.dir / "train"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.train_dir / "model"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.dir / "eval"
+
+    @property
+    def done_file(self) -> Path:
+        return self.dir / DONE
+
+    def done(self) -> dict | None:
+        """The results of a finished cell-seed, or None."""
+        return json.loads(self.done_file.read_text()) if self.done_file.is_file() else None
+
+
+def train_argv(spec: MatrixSpec, cell: CellSpec, seed: int, out: Path, job_dir: Path) -> tuple[str, ...]:
+    """`observe-r1 train` for one cell-seed: the matrix's and cell's overrides, then the runner's own
+    (the seed, the output folder, the time budget), which the matrix may not set."""
+    argv = ["train", "--config", str(spec.train.config), "--no-progress"]
+    if spec.train.nproc > 1:
+        argv += ["--nproc", str(spec.train.nproc)]
+    argv += [*cell_overrides(spec, cell, out), f"seed={seed}", f"checkpoint.output_dir={job_dir / 'train'}"]
+    if spec.time_budget_s is not None:
+        argv.append(f"max_time_s={spec.time_budget_s}")
+    return tuple(argv)
+
+
+def plan(spec: MatrixSpec, out: Path) -> list[Job]:
+    """Every cell-seed in run order: every cell with the first seed, then every cell with the next, so
+    that a matrix stopped part-way has compared all its cells on the same seeds."""
+    variants = {
+        cell.name: load_training_config(spec.train.config, cell_overrides(spec, cell, out)).format.variant
+        for cell in spec.cells
+    }
+    jobs = []
+    for seed in spec.seeds:
+        for cell in spec.cells:
+            job_dir = out / "cells" / cell.name / f"seed-{seed}"
+            argv = train_argv(spec, cell, seed, out, job_dir)
+            jobs.append(Job(cell.name, seed, job_dir, argv, variants[cell.name]))
+    return jobs

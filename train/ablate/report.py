@@ -1,0 +1,131 @@
+"""results.json, results.md and curves.png of a matrix, from its finished cell-seeds (done.json).
+
+Per cell: each metric of done.json as the mean over its finished seeds with a 95% Student-t interval
+(stats.py), the steps trained, and the mean reward curve. Written atomically, after every finished
+cell-seed, so the files describe what is finished so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from observe_r1.io import atomic_path, atomic_write_text
+from observe_r1_train.ablate.spec import MatrixSpec
+from observe_r1_train.ablate.stats import Interval, mean_curve, t_interval
+
+CONFIDENCE = 0.95
+# done.json's metrics in table order: (key, column, scale for the table, digits)
+COLUMNS = [
+    ("accuracy", "held-out accuracy %", 100, 1),
+    ("format_rate", "format %", 100, 1),
+    ("observation_tokens", "observation tokens", 1, 1),
+    ("reasoning_tokens", "reasoning tokens", 1, 1),
+    ("answer_tokens", "answer tokens", 1, 1),
+    ("reward_end", "reward at the end", 1, 3),
+]
+CI_NOTE = (
+    f"mean over seeds [{100 * CONFIDENCE:.0f}% Student-t interval: mean ± t(n-1) · s / √n]; "
+    "n/a: fewer than two seeds finished. Lengths: mean tokens per response on the held-out set; "
+    "reward at the end: mean reward/total of the last logged steps."
+)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def summarise(spec: MatrixSpec, done: dict[str, list[dict]]) -> list[dict]:
+    """One entry per cell of the matrix: its overrides, finished seeds, steps, metric intervals, curve."""
+    cells = []
+    for cell in spec.cells:
+        runs = sorted(done.get(cell.name, []), key=lambda r: r["seed"])
+        metrics = {
+            key: asdict(t_interval([r["metrics"][key] for r in runs], CONFIDENCE)) for key, *_ in COLUMNS
+        }
+        curve = mean_curve([r["reward_curve"] for r in runs])
+        cells.append(
+            {
+                "name": cell.name,
+                "overrides": cell.overrides,
+                "seeds": [r["seed"] for r in runs],
+                "missing_seeds": [s for s in spec.seeds if s not in {r["seed"] for r in runs}],
+                "steps": [r["steps"] for r in runs],
+                "metrics": metrics,
+                "per_seed": {str(r["seed"]): {k: _finite(v) for k, v in r["metrics"].items()} for r in runs},
+                "reward_curve": [{"step": s, "mean": m, "seeds": n} for s, m, n in curve],
+            }
+        )
+    return cells
+
+
+def _cell_text(interval: dict, scale: float, digits: int) -> str:
+    iv = Interval(**interval)
+    if iv.mean is None:
+        return "–"
+    text = f"{scale * iv.mean:.{digits}f}"
+    if iv.low is None:
+        return f"{text} [n/a]"
+    return f"{text} [{scale * iv.low:.{digits}f}, {scale * iv.high:.{digits}f}]"
+
+
+def markdown(title: str, cells: list[dict]) -> str:
+    """The table of results.md: one row per cell, then each cell's overrides."""
+    head = ["cell", "seeds", "steps", *(column for _, column, *_ in COLUMNS)]
+    lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for c in cells:
+        steps = "–" if not c["steps"] else f"{min(c['steps'])}-{max(c['steps'])}"
+        row = [f"`{c['name']}`", str(len(c["seeds"])), steps]
+        row += [_cell_text(c["metrics"][key], scale, digits) for key, _, scale, digits in COLUMNS]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", CI_NOTE, "", "| cell | overrides |", "| --- | --- |"]
+    lines += [f"| `{c['name']}` | {' '.join(f'`{o}`' for o in c['overrides']) or '(none)'} |" for c in cells]
+    return "\n".join(lines) + "\n"
+
+
+def plot(title: str, cells: list[dict], path: Path) -> None:
+    """curves.png: the mean reward/total over seeds against the step, one line per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for c in cells:
+        if c["reward_curve"]:
+            steps = [p["step"] for p in c["reward_curve"]]
+            means = [p["mean"] for p in c["reward_curve"]]
+            ax.plot(
+                steps,
+                means,
+                marker="." if len(steps) < 50 else None,
+                label=f"{c['name']} (n={len(c['seeds'])})",
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward/total, mean over seeds")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if any(c["reward_curve"] for c in cells):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def write(spec: MatrixSpec, matrix: Path, out: Path, done: dict[str, list[dict]]) -> list[dict]:
+    """results.json, results.md and curves.png in `out`; returns the cells' summaries."""
+    cells = summarise(spec, done)
+    title = f"ablation {matrix.stem}"
+    body = {
+        "matrix": str(matrix),
+        "interval": f"{100 * CONFIDENCE:.0f}% Student t over seeds: mean ± t(n-1) · s / √n",
+        "seeds": spec.seeds,
+        "cells": cells,
+    }
+    atomic_write_text(out / "results.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "results.md", markdown(title, cells))
+    plot(title, cells, out / "curves.png")
+    return cells
