@@ -88,10 +88,11 @@ test: setup setup-vllm setup-eval setup-deploy
 	$(PY) -m pytest -q
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_reasoning_parser.py tests/test_vllm_rollout.py tests/test_image_rules.py
 
-bench: setup
+bench: setup setup-vllm
 	$(PY) bench/serve_bench.py --out runs/bench/serve  # add --skip-peer to leave out transformers serve
 	$(PY) bench/train_bench.py --out runs/bench/train  # add --skip-trl to leave out TRL's GRPOTrainer
 	$(PY) bench/ladder_bench.py --out runs/bench/ladder  # the ladder's batched sampling against one call per sample
+	$(VLLM_VENV)/bin/python bench/vllm_bench.py --out runs/bench/vllm  # our server's vLLM engine against vLLM's own server
 
 lint: setup
 	$(VENV)/bin/ruff check .
