@@ -15,8 +15,16 @@ seed for the same request on both servers (so both sample the same tokens), `--m
 tokens, `ignore_eos` on neither (ours has no such parameter). Ours parses every response into its
 observation, reasoning and answer on the way (that is part of what is measured); vLLM's sends the
 raw text. Tokens are counted from each server's `usage`. Closed-loop clients at concurrency 1 and
-32; each of `--rounds` rounds runs every level on both servers back to back (at concurrency 1,
-request by request in turn), so a drift of the machine's speed reaches both alike.
+32; each of `--rounds` rounds runs every level on both servers in turn (at concurrency 1, in blocks of
+`--block` requests), so a drift of the machine's speed reaches both alike.
+
+Both servers stay up for the whole run, so each waits `--settle-s` seconds before it is measured: after
+its last request vLLM's model worker keeps polling its message queue for a second (busy-waiting, to
+answer the next step sooner), and on two cores that polling takes a core from whichever server runs
+next. Without the pause the measurement is of that polling: request-by-request alternation measured
+ours at 0.36-0.58 of vLLM's at concurrency 1, and either server alone measured ours at 1.7.
+
+A third server is vLLM's with ours' process layout (see INPROC_ENV), which isolates the API path.
 
 Target (issue 17): ours / vLLM's tokens per second at least 0.9 at both levels. Writes results.json
 and results.md to the output folder, atomically.
@@ -44,15 +52,24 @@ from vllm_helpers.tiny_qwen2 import build_tiny_qwen2  # noqa: E402
 
 SERVED_NAME = "tiny"
 LEVELS = {1: 24, 32: 192}  # requests per concurrency level, over all rounds
+BUSY_LOOP_S = 1.0  # vLLM's shared-memory queue: readers spin this long after their last read
 TARGET = 0.9
 MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS = 1024, 256
 # What both servers get, so that only the servers differ: our engine's CPU defaults
 # (observe_r1_serve.vllm_engine) for the KV cache and the thread binding.
 SHARED_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-SERVERS = {"ours": "observe-r1 serve --engine vllm", "vllm": "vLLM OpenAI server"}
+SERVERS = {
+    "ours": "observe-r1 serve --engine vllm",
+    "vllm": "vLLM OpenAI server",
+    "vllm-inproc": "vLLM OpenAI server, in-process worker",
+}
 # Ours answers /health while the model loads and /ready once it is served; vLLM's HTTP server starts
 # only once the engine is up.
-READY = {"ours": "/ready", "vllm": "/health"}
+READY = {"ours": "/ready", "vllm": "/health", "vllm-inproc": "/health"}
+# Ours runs vLLM's model worker inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as
+# vLLM does by default on one GPU); on CPU vLLM's server defaults to a worker process of its own. The
+# third server is vLLM's with ours' layout, so that its ratio measures the API path alone.
+INPROC_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING=0"
 
 
 def commands(model: Path, port: int) -> dict[str, list[str]]:
@@ -71,7 +88,7 @@ def commands(model: Path, port: int) -> dict[str, list[str]]:
     plain += ["--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port)]
     plain += ["--dtype", "float32", "--enforce-eager", "--max-model-len", max_len, "--max-num-seqs", "32"]
     plain += ["--disable-log-stats", "--uvicorn-log-level", "warning"]
-    return {"ours": ours, "vllm": plain}
+    return {"ours": ours, "vllm": plain, "vllm-inproc": ["env", INPROC_ENV, *plain]}
 
 
 def drive(base: str, concurrency: int, n: int, seed0: int, args: argparse.Namespace) -> LevelRun:
@@ -87,7 +104,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every level's request count")
-    p.add_argument("--only", choices=list(SERVERS), help="run one server alone (for profiling it)")
+    p.add_argument("--only", choices=list(SERVERS), nargs="+", help="run these servers alone (to profile)")
+    p.add_argument("--block", type=int, default=4, help="concurrency-1 requests per turn of a server")
+    p.add_argument(
+        "--settle-s",
+        type=float,
+        default=2 * BUSY_LOOP_S,
+        help="pause before each turn, so the other server's polling has stopped",
+    )
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--start-timeout", type=float, default=300.0)
     return p.parse_args(argv)
@@ -97,7 +121,8 @@ def report(meta: dict, levels: dict, ratios: dict) -> str:
     lines = [
         f"Our server on the vLLM engine against vLLM's OpenAI server: vLLM's CPU build, the tiny text"
         f" Qwen2, {meta['max_tokens']} new tokens, {meta['rounds']} interleaved rounds,"
-        f" {meta['cpus']} CPUs, load average {meta['load_avg_start']:.2f} at the start; {meta['started']}.",
+        f" {meta['cpus']} CPUs, load average {meta['load_avg_start']:.2f} at the start; {meta['started']}."
+        f" Concurrency 1 in turns of {meta['block']} requests; {meta['settle_s']:g} s pause before each turn.",
         "",
         "| server | concurrency | requests | tok/s | mean tokens | p50 latency s | TTFT p50 s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -109,8 +134,10 @@ def report(meta: dict, levels: dict, ratios: dict) -> str:
                 f" | {lv['mean_completion_tokens']:.1f} | {lv['latency_p50_s']:.3f} | {lv['ttft_p50_s']:.3f} |"
             )
     lines.append("")
-    for c, r in ratios.items():
-        lines.append(f"- c={c}: ours / vLLM's tokens per second {r:.3f} (target >= {TARGET})")
+    for peer, by_level in ratios.items():
+        target = f" (target >= {TARGET})" if peer == "vllm" else " (like for like: the API path alone)"
+        for c, r in by_level.items():
+            lines.append(f"- c={c}: ours / {SERVERS[peer]}'s tokens per second {r:.3f}{target}")
     return "\n".join(lines) + "\n"
 
 
@@ -128,8 +155,10 @@ def main(argv=None) -> int:
         "load_avg_start": os.getloadavg()[0],
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "env": SHARED_ENV,
+        "block": args.block,
+        "settle_s": args.settle_s,
     }
-    keys = [args.only] if args.only else list(SERVERS)
+    keys = args.only or list(SERVERS)
     runs: dict[str, dict[int, list[LevelRun]]] = {k: {c: [] for c in LEVELS} for k in keys}
     with contextlib.ExitStack() as stack:
         bases = {}
@@ -154,12 +183,15 @@ def main(argv=None) -> int:
             for c, total in LEVELS.items():
                 n = max(c, math.ceil(total * args.scale / args.rounds))
                 seed0 = 1000 * c + 100 * round_
-                if c == 1:  # request by request in turn
-                    for i in range(n):
+                if c == 1:  # in blocks, in turn
+                    for start in range(0, n, args.block):
                         for key in keys:
-                            runs[key][c].append(drive(bases[key], 1, 1, seed0 + i, args))
+                            time.sleep(args.settle_s)
+                            for i in range(start, min(n, start + args.block)):
+                                runs[key][c].append(drive(bases[key], 1, 1, seed0 + i, args))
                 else:
                     for key in keys:
+                        time.sleep(args.settle_s)
                         runs[key][c].append(drive(bases[key], c, n, seed0, args))
                 for key in keys:
                     lv = summarize(c, runs[key][c][-n if c == 1 else -1 :])
@@ -167,11 +199,11 @@ def main(argv=None) -> int:
                         f"round {round_ + 1} {SERVERS[key]} c={c}: {lv['tokens_per_s']:.1f} tok/s, {lv['ok']} ok"
                     )
     levels = {k: {c: summarize(c, runs[k][c]) for c in LEVELS} for k in keys}
-    ratios = (
-        {c: levels["ours"][c]["tokens_per_s"] / levels["vllm"][c]["tokens_per_s"] for c in LEVELS}
-        if len(keys) == 2
-        else {}
-    )
+    ratios = {
+        peer: {c: levels["ours"][c]["tokens_per_s"] / levels[peer][c]["tokens_per_s"] for c in LEVELS}
+        for peer in keys
+        if peer != "ours" and "ours" in keys
+    }
     meta["load_avg_end"] = os.getloadavg()[0]
     results = {"meta": meta, "levels": levels, "ratios": ratios, "target": TARGET}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
