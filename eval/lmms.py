@@ -7,6 +7,7 @@ always a subprocess, one per task, which is also what makes a restarted run skip
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -158,6 +159,18 @@ def responses(samples_path: Path) -> list[str]:
         while isinstance(resps, list):
             resps = resps[0] if resps else ""
         out.append(resps)
+    return out
+
+
+def scores(samples_path: Path, metric: str) -> dict[str, float]:
+    """Each logged sample's `metric`, keyed by its document's index and a hash of its question and
+    images, so that two runs of the same task on the same rows can be compared question by question
+    (lmms-eval's own `doc_hash` is one value for every document of a task that maps its documents)."""
+    out = {}
+    for line in samples_path.read_text().splitlines():
+        sample = json.loads(line)
+        content = json.dumps([sample.get("input"), sample.get("input_media")]).encode()
+        out[f"{sample['doc_id']}:{hashlib.blake2b(content, digest_size=6).hexdigest()}"] = float(sample[metric])
     return out
 
 

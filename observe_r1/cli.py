@@ -45,6 +45,7 @@ def _synth_data(args: argparse.Namespace) -> None:
         image_size=args.image_size,
         overwrite=args.force,
         families=args.families,
+        levels=args.levels,
     )
     print(f"wrote {args.n} samples to {path} in {time.perf_counter() - start:.1f}s")
 
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a preset (reasoning: counting, digits, bars, clocks, comparing counts; perception: colour, side,"
         " larger; all) or comma-separated family names",
     )
+    p.add_argument("--levels", default="1,2,3,4,5", help="the levels drawn, comma-separated (1 easiest)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.set_defaults(func=_synth_data)
 

@@ -16,10 +16,18 @@ from observe_r1_train.ablate import report
 from observe_r1_train.ablate.cell import check_job_file, eval_argv, results, serve_argv
 from observe_r1_train.ablate.plan import plan
 from observe_r1_train.ablate.spec import MatrixError, check_inputs, load_matrix
-from observe_r1_train.ablate.stats import mean_curve, t_interval, t_quantile, t_two_sided_cdf
+from observe_r1_train.ablate.stats import (
+    mean_curve,
+    paired_bootstrap,
+    t_interval,
+    t_quantile,
+    t_two_sided_cdf,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-MATRICES = sorted((REPO / "train" / "configs" / "ablations").glob("*/[!_]*.yaml"))
+MATRICES = sorted((REPO / "train" / "configs" / "ablations").glob("*/[!_]*.yaml")) + sorted(
+    (REPO / "train" / "configs" / "experiments").glob("*.yaml")
+)
 
 
 @pytest.mark.parametrize(
@@ -53,6 +61,19 @@ def test_t_interval_edge_cases():
     assert t_interval([]).mean is None
     same = t_interval([0.3, 0.3, 0.3])
     assert same.low == pytest.approx(0.3) and same.high == pytest.approx(0.3)
+
+
+def test_paired_bootstrap_interval():
+    assert paired_bootstrap([1.0] * 50) == paired_bootstrap([1.0] * 50, seed=7)  # no spread: [1, 1]
+    assert paired_bootstrap([1.0] * 50).low == 1.0 == paired_bootstrap([1.0] * 50).high
+    # 300 questions, 1 in 3 gained and none lost: mean 1/3, standard error sqrt(2/9 / 300) = 0.027
+    gained = paired_bootstrap([1.0, 0.0, 0.0] * 100)
+    assert gained.n == 300 and gained.mean == pytest.approx(1 / 3)
+    assert gained.low == pytest.approx(1 / 3 - 1.96 * 0.0272, abs=0.012)
+    assert gained.high == pytest.approx(1 / 3 + 1.96 * 0.0272, abs=0.012)
+    even = paired_bootstrap([1.0, -1.0, 0.0] * 100)  # as many lost as gained: the interval holds 0
+    assert even.low < 0 < even.high
+    assert paired_bootstrap([]).mean is None and paired_bootstrap([0.5]).low is None
 
 
 def test_mean_curve_averages_the_seeds_that_reach_each_step():
@@ -196,6 +217,16 @@ def test_results_files_hold_every_cell_with_intervals(tmp_path):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def samples_file(path: Path, questions: list[str], scores: list[float]) -> str:
+    """An lmms-eval samples log of `questions` (one image each) with their accuracy."""
+    lines = [
+        {"doc_id": i, "input": q, "input_media": [f"/img/{i}.png"], "accuracy": str(a), "doc_hash": "same"}
+        for i, (q, a) in enumerate(zip(questions, scores, strict=True))
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
 def test_results_of_a_cell_seed_weigh_benchmarks_by_samples(tmp_path):
     out = tmp_path / "out"
     job = plan(load_matrix(write_matrix(tmp_path), out), out)[0]
@@ -203,14 +234,22 @@ def test_results_of_a_cell_seed_weigh_benchmarks_by_samples(tmp_path):
     rows = [{"step": s, "reward/total": r} for s, r in [(1, 0.0), (2, 1.0), (3, 0.5)]]
     (job.train_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokens = lambda n: {p: {"mean": n} for p in ("observation", "reasoning", "answer", "total")}  # noqa: E731
+    t1 = samples_file(tmp_path / "t1.jsonl", ["q"], [1.0])
+    t2 = samples_file(tmp_path / "t2.jsonl", ["q", "r", "s"], [0.0, 0.0, 0.0])
     report_json = {
         "benchmarks": [
             {"task": "t1", "samples": 1, "accuracy": 1.0, "format_rate": 0.0, "tokens": tokens(4)},
             {"task": "t2", "samples": 3, "accuracy": 0.0, "format_rate": 1.0, "tokens": tokens(8)},
         ]
     }
+    for row, path in zip(report_json["benchmarks"], (t1, t2), strict=True):
+        row.update(metric="accuracy", samples_file=path)
     done = results(job, report_json, reward_window=2)
     assert done["steps"] == 3 and done["reward_curve"] == [[1, 0.0], [2, 1.0], [3, 0.5]]
+    # every question's score, under a key of its task, index and content (lmms-eval's doc_hash is one
+    # value for all of a task's documents here, as in the real logs)
+    assert len(done["questions"]) == 4 and sorted(done["questions"].values()) == [0.0, 0.0, 0.0, 1.0]
+    assert len({k.split(":")[0] for k in done["questions"]}) == 4
     assert done["metrics"] == {
         "accuracy": 0.25,
         "format_rate": 0.75,
@@ -219,6 +258,43 @@ def test_results_of_a_cell_seed_weigh_benchmarks_by_samples(tmp_path):
         "answer_tokens": 7.0,
         "reward_end": 0.75,
     }
+
+
+def test_results_with_a_baseline_give_each_cell_its_paired_gain(tmp_path):
+    out = tmp_path / "out"
+    spec = load_matrix(write_matrix(tmp_path, baseline="{out}/start"), out)
+    questions = [f"q{i}" for i in range(40)]
+    start = {f"t/{q}": 0.0 for q in questions[:20]} | {f"t/{q}": 1.0 for q in questions[20:]}
+    baseline = {"model": "start", "metrics": {"accuracy": 0.5, "format_rate": 1.0}, "questions": start}
+    a0, a1 = fake_done("a", 0, 0.75, [0.1]), fake_done("a", 1, 0.5, [0.2])
+    # seed 0 gains 10 questions (+25 points), seed 1 none: per question (s0 + s1) / 2 - start
+    a0["questions"] = start | {f"t/{q}": 1.0 for q in questions[:10]}
+    a1["questions"] = dict(start)
+    cells = report.write(spec, tmp_path / "m.yaml", out, {"a": [a0, a1]}, baseline)
+    gain = cells[0]["gain"]
+    assert gain["n"] == 40 and gain["mean"] == pytest.approx(0.125) and 0 < gain["low"] < 0.125 < gain["high"]
+    assert cells[1]["gain"]["mean"] is None  # no finished seed
+    table = (out / "results.md").read_text()
+    assert "| start (baseline) | – | 0 | – | 50.0 | 100.0 |" in table
+    assert f"| `a` | 2 | 1-1 | 12.5 [{100 * gain['low']:.1f}, {100 * gain['high']:.1f}] | 62.5 [" in table
+    assert "paired bootstrap" in table
+    body = json.loads((out / "results.json").read_text())
+    assert body["baseline"]["model"] == "start" and body["cells"][0]["gain"] == gain
+
+
+def test_the_baseline_must_be_a_model_folder(tmp_path, tiny_model_dir, synth_dir):
+    out = tmp_path / "out"
+    path = write_matrix(
+        tmp_path,
+        baseline="{out}/nothing",
+        train={
+            "config": str(REPO / "train" / "configs" / "tiny_cpu.yaml"),
+            "overrides": [f"model.path={tiny_model_dir}", f"data.paths=[{synth_dir / 'data.jsonl'}]"],
+        },
+        eval={"data": str(synth_dir / "data.jsonl"), "suite": "local"},
+    )
+    with pytest.raises(MatrixError, match=r"baseline: not a model folder \(no config.json\): .*nothing"):
+        check_inputs(load_matrix(path, out), path, out)
 
 
 @pytest.mark.parametrize("path", MATRICES, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -1,8 +1,7 @@
-"""`observe-r1 ablate` for real on the tiny model: a 2-cell matrix, 1 seed, 1 GRPO step each, each export
-served by `observe-r1 serve` and evaluated by `observe-r1 eval` (lmms-eval in .venv-eval) on a 4-row
-held-out set that the matrix's prepare step makes; then a rerun that trains nothing, and a bad override
-refused before anything runs. About 2-3 minutes on this 2-core machine (most of it the two lmms-eval
-starts)."""
+"""`observe-r1 ablate` for real on the tiny model: the lean evidence run (the shipped learning matrix,
+one seed, 300 GRPO steps: prepare, the SFT start's eval, train, serve, eval on 100 held-out questions
+through lmms-eval in .venv-eval), then a rerun that runs nothing, and a bad override refused before
+anything runs. About 5 minutes on this 2-core machine."""
 
 import json
 import subprocess
@@ -13,6 +12,7 @@ import yaml
 from conftest import CLI
 
 REPO = Path(__file__).resolve().parent.parent
+LEARNING = REPO / "train" / "configs" / "experiments" / "learning_cpu.yaml"
 SMALL_STEP = [
     "max_steps=1",
     "rollout.prompts_per_step=2",
@@ -54,48 +54,63 @@ def ablate(path: Path, out: Path) -> subprocess.CompletedProcess:
     )
 
 
+def lean_learning_matrix(tmp_path: Path) -> Path:
+    """The shipped evidence matrix (train/configs/experiments/learning_cpu.yaml), made lean: 400 training
+    rows, 100 held-out questions, one seed of its `grpo` cell, 300 GRPO steps (about 2.5 minutes)."""
+    spec = yaml.safe_load(LEARNING.read_text())
+    for step, n in (("data", 400), ("heldout", 100)):
+        argv = spec["prepare"][step]
+        argv[argv.index("--n") + 1] = str(n)
+    kept = [
+        o for o in spec["train"]["overrides"] if not o.startswith(("max_steps=", "checkpoint.save_every="))
+    ]
+    spec["train"]["overrides"] = [*kept, "max_steps=300", "checkpoint.save_every=0"]
+    spec["seeds"], spec["cells"] = [0], [c for c in spec["cells"] if c["name"] == "grpo"]
+    path = tmp_path / "learning.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # prepare steps run in file order
+    return path
+
+
 @pytest.mark.skipif(
     not (REPO / ".venv-eval" / "bin" / "python").exists(), reason="lmms-eval's environment: make setup-eval"
 )
-def test_two_cells_train_serve_eval_report_and_resume(tiny_model_dir, synth_dir, tmp_path):
-    cells = {"ladder": ["data.shuffle=false"], "shuffled": ["data.shuffle=true"]}
-    path, out = matrix(tmp_path, tiny_model_dir, synth_dir, cells), tmp_path / "out"
+def test_grpo_raises_held_out_accuracy_over_the_sft_start_and_a_rerun_skips_everything(tmp_path):
+    """The lean evidence run: the SFT start and the GRPO export both served and evaluated greedily on
+    the same 100 held-out questions; GRPO must gain at least 5 points, with a paired bootstrap interval
+    above zero (measured: 26% -> 41%, +15 [5, 25]). A run that learns nothing fails it."""
+    path, out = lean_learning_matrix(tmp_path), tmp_path / "out"
     first = ablate(path, out)
     assert first.returncode == 0, first.stderr[-4000:]
-    assert "[1/2] cell 'ladder' seed 0: train (data.shuffle=false), serve, eval" in first.stderr
-    assert "[2/2] cell 'shuffled' seed 0: train (data.shuffle=true), serve, eval" in first.stderr
-    assert "ETA " in first.stderr.split("[2/2]")[1]
+    assert (
+        "baseline " in first.stderr
+        and "[1/1] cell 'grpo' seed 0: train (no overrides), serve, eval" in first.stderr
+    )
 
     results = json.loads((out / "results.json").read_text())
-    assert [c["name"] for c in results["cells"]] == ["ladder", "shuffled"]
-    for cell in results["cells"]:
-        assert cell["seeds"] == [0] and cell["missing_seeds"] == [] and cell["steps"] == [1]
-        assert set(cell["metrics"]) == {
-            "accuracy",
-            "format_rate",
-            "observation_tokens",
-            "reasoning_tokens",
-            "answer_tokens",
-            "reward_end",
-        }
-        accuracy = cell["metrics"]["accuracy"]
-        assert accuracy["n"] == 1 and 0 <= accuracy["mean"] <= 1 and accuracy["low"] is None  # one seed
-        assert cell["metrics"]["answer_tokens"]["mean"] > 0  # the random model says something
-        assert [p["step"] for p in cell["reward_curve"]] == [1]
-        done = json.loads((out / "cells" / cell["name"] / "seed-0" / "done.json").read_text())
-        assert 0 < done["benchmarks"]["observe_r1_local_open"]["samples"] <= 4  # its open-answer rows
+    assert results["baseline"]["model"] == str(out / "base" / "sft" / "model")
+    (cell,) = results["cells"]
+    assert cell["seeds"] == [0] and cell["steps"] == [300]
+    gain, start = cell["gain"], results["baseline"]["metrics"]
+    assert gain["n"] == 100  # every held-out question, paired
+    assert gain["mean"] >= 0.05 and gain["low"] > 0, (start, cell["metrics"]["accuracy"], gain)
+    assert cell["metrics"]["accuracy"]["mean"] == pytest.approx(start["accuracy"] + gain["mean"])
+    assert cell["metrics"]["format_rate"]["mean"] > 0.5
     table = (out / "results.md").read_text()
-    assert "| `ladder` | 1 | 1-1 |" in table and "| `shuffled` | 1 | 1-1 |" in table
+    assert "| start (baseline) | – | 0 | – |" in table and "| `grpo` | 1 | 300-300 |" in table
     assert table in first.stdout
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
-    logs = sorted((out / "cells").glob("*/seed-0/*.log")) + sorted((out / "cells").glob("*/seed-0/done.json"))
+    logs = (
+        sorted(out.glob("cells/*/seed-0/*.log"))
+        + sorted(out.glob("*/done.json"))
+        + sorted(out.glob("baseline/*.log"))
+    )
     stamps = {p: p.stat().st_mtime_ns for p in logs}
     second = ablate(path, out)
     assert second.returncode == 0, second.stderr[-4000:]
-    assert "[1/2] cell 'ladder' seed 0: already done, skipping" in second.stderr
-    assert "[2/2] cell 'shuffled' seed 0: already done, skipping" in second.stderr
-    assert "prepare heldout: already done, skipping" in second.stderr
+    assert "[1/1] cell 'grpo' seed 0: already done, skipping" in second.stderr
+    assert "already evaluated, skipping" in second.stderr
+    assert "prepare sft: already done, skipping" in second.stderr
     assert "train (" not in second.stderr
     assert {p: p.stat().st_mtime_ns for p in logs} == stamps  # no train, serve or eval ran again
 

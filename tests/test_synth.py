@@ -323,3 +323,17 @@ def test_families_are_chosen_by_preset_or_name_and_the_default_is_unchanged(tmp_
         with pytest.raises(ValueError, match="families"):
             synth.generate(tmp_path / "bad", 3, families=bad, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_levels_are_chosen_and_cover_every_family(tmp_path):
+    rows = load_samples(
+        synth.generate(tmp_path / "l", 12, families="perception", levels="1,2", progress=False)
+    )
+    assert {(s.source, s.level) for s in rows} == {
+        (f"synth/{f}", lv) for f in synth.PERCEPTION_FAMILIES for lv in (1, 2)
+    }
+    meta = json.loads((tmp_path / "l" / "meta.json").read_text())
+    assert meta["levels"] == {"1": 6, "2": 6}
+    for bad in ("0,1", "1,1", "x", ""):
+        with pytest.raises(ValueError, match="levels"):
+            synth.generate(tmp_path / "bad", 3, levels=bad, progress=False)

@@ -154,6 +154,10 @@ class RewardConfig:
     bonus_requires_format: bool = True  # ours: only a well-formatted shortest answer wins the bonus
     clamp: float | None = REWARD_CLAMP  # authors clamp the total to [-clamp, clamp]; None: no clamp
     nested_observe: bool = False  # also accept <observe> nested in <think> (the authors' regex); observe only
+    # A control experiment, not a recipe: each generation round's (reward, accuracy) pairs are permuted
+    # over its responses before advantages, so the signal no longer says which response was better;
+    # the logged reward metrics stay the true ones. Gains that survive it come from more steps alone.
+    shuffle: bool = False
 
 
 @dataclass

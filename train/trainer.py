@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -275,6 +275,8 @@ class GRPOTrainer(Runner):
             bonus_requires_format=rw.bonus_requires_format,
             clamp=rw.clamp,
         )
+        if rw.shuffle:
+            breakdown = shuffled(breakdown, keyed_seed(cfg.seed, "shuffle", place["epoch"], place["index"]))
         timing["rollout"] += rolled - started
         timing["reward"] += time.perf_counter() - rolled
         return batch, breakdown
@@ -401,6 +403,17 @@ class Collected:
     filter_metrics: dict[str, float]  # rounds and the share of generated groups that passed the filter
     timing: dict[str, float]  # seconds spent generating and scoring
     logged: list[dict]  # one row per generated group for rollouts.jsonl
+
+
+def shuffled(breakdown: RewardBreakdown, seed: int) -> RewardBreakdown:
+    """`breakdown` with its responses' (total, accuracy) pairs permuted by `seed` (`reward.shuffle`, the
+    control run); components and metrics keep the true values, so the logs still show what was earned."""
+    order = torch.randperm(len(breakdown.total), generator=torch.Generator().manual_seed(seed)).tolist()
+    return replace(
+        breakdown,
+        total=[breakdown.total[i] for i in order],
+        accuracy=[breakdown.accuracy[i] for i in order],
+    )
 
 
 def _group_log(batch: RolloutBatch, breakdown: RewardBreakdown, i: int) -> dict:

@@ -72,15 +72,31 @@ def family_names(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return names
 
 
+def level_names(spec: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """Levels as a comma-separated string ("1,2") or a sequence of ints, each one of `LEVELS`."""
+    try:
+        levels = tuple(int(v) for v in spec.split(",")) if isinstance(spec, str) else tuple(spec)
+    except ValueError:
+        levels = ()
+    if not levels or len(set(levels)) != len(levels) or not set(levels) <= set(LEVELS):
+        raise InvalidValue(f"levels {spec!r}: expected distinct levels from {', '.join(map(str, LEVELS))}")
+    return levels
+
+
 def make_sample(
-    index: int, seed: int = 0, image_size: int = 224, families: tuple[str, ...] = DEFAULT_FAMILIES
+    index: int,
+    seed: int = 0,
+    image_size: int = 224,
+    families: tuple[str, ...] = DEFAULT_FAMILIES,
+    levels: tuple[int, ...] = LEVELS,
 ) -> tuple[str, int, Sample, Image.Image]:
-    """Sample `index` alone: `families` rotate with the index and levels form a Latin square over them,
-    so every run of len(families) rows covers all of them and every 5 x len(families) rows every
-    family/level pair."""
+    """Sample `index` alone: `families` rotate with the index and `levels` form a Latin square over
+    them, so every run of len(families) rows covers all of them and every len(levels) x len(families)
+    rows every family/level pair."""
     names = list(families)
     family = names[index % len(names)]
-    level = LEVELS[(index + index // len(names)) % len(LEVELS)]
+    # Row r of the square (every len(names) rows) shifts the levels by r: (family + r) mod len(levels).
+    level = levels[(index % len(names) + index // len(names)) % len(levels)]
     rng = random.Random(f"observe-r1-synth:{seed}:{index}")  # str seeds hash with SHA-512: stable everywhere
     image, question, answer, choices = FAMILIES[family](rng, level, image_size)
     sample = Sample(
@@ -103,32 +119,35 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     families: str | tuple[str, ...] = DEFAULT_FAMILIES,
+    levels: str | tuple[int, ...] = LEVELS,
 ) -> Path:
     """Write n problems to out_dir/data.jsonl with PNGs under out_dir/images/; returns the data.jsonl path.
 
-    `families`: a preset of `PRESETS`, a comma-separated list or a sequence of `FAMILIES` names."""
+    `families`: a preset of `PRESETS`, a comma-separated list or a sequence of `FAMILIES` names;
+    `levels`: the levels drawn (all by default; the same rows as before for the default)."""
     names = family_names(families)
+    level_set = level_names(levels)
     if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
         raise InvalidValue(f"image_size must lie in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {image_size}")
     if n < 1:
         raise InvalidValue(f"n must be at least 1, got {n}")
     drawn: Counter[str] = Counter()
-    levels: Counter[int] = Counter()
+    drawn_levels: Counter[int] = Counter()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         with (tmp / "data.jsonl").open("w", encoding="utf-8") as f:
             for index in tqdm(range(n), desc="synth", unit="sample", disable=not progress):
-                family, level, sample, image = make_sample(index, seed, image_size, names)
+                family, level, sample, image = make_sample(index, seed, image_size, names, level_set)
                 image.save(tmp / sample.images[0], format="PNG")
                 f.write(json.dumps(sample.to_row(), ensure_ascii=False) + "\n")
                 drawn[family] += 1
-                levels[level] += 1
+                drawn_levels[level] += 1
         meta = {
             "n": n,
             "seed": seed,
             "image_size": image_size,
             "families": {name: drawn[name] for name in names},
-            "levels": {str(level): levels[level] for level in LEVELS},
+            "levels": {str(level): drawn_levels[level] for level in level_set},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return Path(out_dir) / "data.jsonl"

@@ -19,6 +19,7 @@ from pathlib import Path
 from observe_r1.errors import UserError
 from observe_r1.io import atomic_write_text
 from observe_r1.net import free_port, wait_ready
+from observe_r1_eval import lmms
 from observe_r1_train.ablate.plan import JOB, Job
 from observe_r1_train.ablate.spec import EvalSpec, fill
 from observe_r1_train.tracking import METRICS_FILE, read_jsonl
@@ -139,28 +140,52 @@ def weighted(rows: list[dict], value) -> float:
     return sum(r["samples"] * value(r) for r in rows) / total if total else float("nan")
 
 
-def results(job: Job, report: dict, reward_window: int) -> dict:
-    """What done.json holds: the held-out accuracy, format rate and mean part lengths (over every
-    benchmark of the report, weighted by its samples), the mean `reward/total` of the last
-    `reward_window` logged steps, and the steps trained."""
+def eval_results(report: dict) -> dict:
+    """The held-out part of done.json: accuracy, format rate and mean part lengths (over every benchmark
+    of the report, weighted by its samples), per benchmark, and every question's score (keyed
+    `task/document hash`) for the paired comparison with the baseline."""
     rows = report["benchmarks"]
+    questions = {
+        f"{r['task']}/{doc}": score
+        for r in rows
+        for doc, score in lmms.scores(Path(r["samples_file"]), r["metric"]).items()
+    }
+    return {
+        "metrics": {
+            "accuracy": weighted(rows, lambda r: r["accuracy"]),
+            "format_rate": weighted(rows, lambda r: r["format_rate"]),
+            **{f"{p}_tokens": weighted(rows, lambda r, p=p: r["tokens"][p]["mean"]) for p in LENGTH_PARTS},
+        },
+        "benchmarks": {r["task"]: {"samples": r["samples"], "accuracy": r["accuracy"]} for r in rows},
+        "questions": questions,
+    }
+
+
+def results(job: Job, report: dict, reward_window: int) -> dict:
+    """What done.json holds: `eval_results`, the mean `reward/total` of the last `reward_window` logged
+    steps, the steps trained and the reward curve."""
+    held_out = eval_results(report)
     metrics = read_jsonl(job.train_dir / METRICS_FILE)
     rewards = [r["reward/total"] for r in metrics if "reward/total" in r]
     tail = rewards[-reward_window:]
-    values = {
-        "accuracy": weighted(rows, lambda r: r["accuracy"]),
-        "format_rate": weighted(rows, lambda r: r["format_rate"]),
-        **{f"{p}_tokens": weighted(rows, lambda r, p=p: r["tokens"][p]["mean"]) for p in LENGTH_PARTS},
-        "reward_end": sum(tail) / len(tail) if tail else float("nan"),
-    }
+    held_out["metrics"]["reward_end"] = sum(tail) / len(tail) if tail else float("nan")
     return {
         "cell": job.cell,
         "seed": job.seed,
         "steps": metrics[-1]["step"] if metrics else 0,
-        "metrics": values,
-        "benchmarks": {r["task"]: {"samples": r["samples"], "accuracy": r["accuracy"]} for r in rows},
+        **held_out,
         "reward_curve": [[r["step"], r["reward/total"]] for r in metrics if "reward/total" in r],
     }
+
+
+def run_baseline(job: Job, spec_eval: EvalSpec, out: Path) -> dict:
+    """Serve and evaluate the start model as it is, then write its done.json (atomically, last)."""
+    job.dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    done = {"model": str(job.model_dir), **eval_results(evaluate(spec_eval, job, out))}
+    done["seconds"] = {"eval": round(time.monotonic() - started, 1)}
+    atomic_write_text(job.done_file, json.dumps(done, indent=2) + "\n")
+    return done
 
 
 def run_job(job: Job, spec_eval: EvalSpec, out: Path, reward_window: int) -> dict:

@@ -20,8 +20,8 @@ from observe_r1.command import Command
 from observe_r1.errors import UserError
 from observe_r1.io import atomic_write_text
 from observe_r1_train.ablate import report
-from observe_r1_train.ablate.cell import CommandFailed, check_job_file, run_job, run_logged
-from observe_r1_train.ablate.plan import Job, plan
+from observe_r1_train.ablate.cell import CommandFailed, check_job_file, run_baseline, run_job, run_logged
+from observe_r1_train.ablate.plan import Job, baseline_job, plan
 from observe_r1_train.ablate.spec import MatrixSpec, check_inputs, fill, load_matrix
 
 
@@ -57,8 +57,30 @@ def prepare(spec: MatrixSpec, out: Path) -> None:
         atomic_write_text(marker, json.dumps({"argv": line}, indent=2) + "\n")
 
 
+def evaluate_baseline(spec: MatrixSpec, out: Path) -> dict | None:
+    """The start model's eval (the matrix's `baseline`), once per output folder; None without one."""
+    job = baseline_job(spec, out)
+    if job is None:
+        return None
+    result = job.done()
+    if result is not None and result["model"] == str(job.model_dir):
+        log(f"baseline {job.model_dir}: already evaluated, skipping")
+        return result
+    log(f"baseline {job.model_dir}: serve, eval")
+    began = time.monotonic()
+    result = run_baseline(job, spec.eval, out)
+    m = result["metrics"]
+    log(
+        f"baseline: done in {duration(time.monotonic() - began)}: accuracy {m['accuracy']:.3f},"
+        f" format {m['format_rate']:.3f}"
+    )
+    return result
+
+
 def run_all(spec: MatrixSpec, matrix: Path, out: Path) -> list[dict]:
-    """Every unfinished cell-seed in plan order, the results rewritten after each; returns the summaries."""
+    """The baseline, then every unfinished cell-seed in plan order, the results rewritten after each;
+    returns the summaries."""
+    baseline = evaluate_baseline(spec, out)
     jobs, cells = plan(spec, out), {c.name: c for c in spec.cells}
     done: dict[str, list[dict]] = {}
     todo: list[Job] = []
@@ -88,8 +110,8 @@ def run_all(spec: MatrixSpec, matrix: Path, out: Path) -> list[dict]:
             f"{head}: done in {duration(spent[-1])}, {result['steps']} steps: accuracy {m['accuracy']:.3f},"
             f" format {m['format_rate']:.3f}, reward at the end {m['reward_end']:.3f}"
         )
-        report.write(spec, matrix, out, done)
-    return report.write(spec, matrix, out, done)
+        report.write(spec, matrix, out, done, baseline)
+    return report.write(spec, matrix, out, done, baseline)
 
 
 def _stop(signum, frame) -> None:

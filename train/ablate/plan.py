@@ -8,6 +8,7 @@ DIR/cells/CELL/seed-S/
     eval/        `observe-r1 eval --output` (report.json)
     eval.log     its output
     done.json    the results, written atomically last: the cell-seed is finished
+DIR/baseline/    the start model's eval (the matrix's `baseline`): serve.log, eval/, eval.log, done.json
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from observe_r1.format import DEFAULT_VARIANT
-from observe_r1_train.ablate.spec import CellSpec, MatrixSpec, cell_overrides
+from observe_r1_train.ablate.spec import CellSpec, MatrixSpec, cell_overrides, fill
 from observe_r1_train.config import load_training_config
 
 DONE = "done.json"
@@ -33,6 +34,7 @@ class Job:
     dir: Path
     train_argv: tuple[str, ...]  # `observe-r1 ...`: the train command line
     format_variant: str = DEFAULT_VARIANT  # the cell's format.variant, which serve and eval must share
+    model: Path | None = None  # a model evaluated as it is (the baseline); None: the cell-seed's export
 
     @property
     def label(self) -> str:
@@ -44,7 +46,7 @@ class Job:
 
     @property
     def model_dir(self) -> Path:
-        return self.train_dir / "model"
+        return self.model or self.train_dir / "model"
 
     @property
     def eval_dir(self) -> Path:
@@ -69,6 +71,16 @@ def train_argv(spec: MatrixSpec, cell: CellSpec, seed: int, out: Path, job_dir: 
     if spec.time_budget_s is not None:
         argv.append(f"max_time_s={spec.time_budget_s}")
     return tuple(argv)
+
+
+def baseline_job(spec: MatrixSpec, out: Path) -> Job | None:
+    """The start model's eval, in the format of the matrix's train config (without any cell's overrides)."""
+    if spec.baseline is None:
+        return None
+    variant = load_training_config(
+        spec.train.config, [fill(o, out) for o in spec.train.overrides]
+    ).format.variant
+    return Job("baseline", 0, out / "baseline", (), variant, model=Path(fill(spec.baseline, out)))
 
 
 def plan(spec: MatrixSpec, out: Path) -> list[Job]:

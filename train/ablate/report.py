@@ -1,8 +1,10 @@
 """results.json, results.md and curves.png of a matrix, from its finished cell-seeds (done.json).
 
 Per cell: each metric of done.json as the mean over its finished seeds with a 95% Student-t interval
-(stats.py), the steps trained, and the mean reward curve. Written atomically, after every finished
-cell-seed, so the files describe what is finished so far.
+(stats.py), the steps trained, and the mean reward curve; with a baseline (the start model), the gain
+in held-out accuracy over it: per question, the cell's score averaged over its seeds minus the start
+model's, with a 95% paired bootstrap interval over the questions. Written atomically, after every
+finished cell-seed, so the files describe what is finished so far.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from observe_r1.io import atomic_path, atomic_write_text
 from observe_r1_train.ablate.spec import MatrixSpec
-from observe_r1_train.ablate.stats import Interval, mean_curve, t_interval
+from observe_r1_train.ablate.stats import Interval, mean_curve, paired_bootstrap, t_interval
 
 CONFIDENCE = 0.95
 # done.json's metrics in table order: (key, column, scale for the table, digits)
@@ -33,12 +35,30 @@ CI_NOTE = (
 )
 
 
+GAIN_NOTE = (
+    "gain over the start: held-out accuracy points over the baseline model; per question the cell's mean"
+    f" over its seeds minus the baseline's, averaged [{100 * CONFIDENCE:.0f}% paired bootstrap interval"
+    " over the questions]."
+)
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def summarise(spec: MatrixSpec, done: dict[str, list[dict]]) -> list[dict]:
-    """One entry per cell of the matrix: its overrides, finished seeds, steps, metric intervals, curve."""
+def paired_gain(runs: list[dict], baseline: dict) -> Interval:
+    """The cell's accuracy gain over the baseline, question by question: d_q = mean over the cell's
+    seeds of its score on q minus the baseline's, over the questions every run and the baseline hold."""
+    shared = set(baseline["questions"]).intersection(*(r["questions"] for r in runs)) if runs else set()
+    diffs = [
+        sum(r["questions"][q] for r in runs) / len(runs) - baseline["questions"][q] for q in sorted(shared)
+    ]
+    return paired_bootstrap(diffs, CONFIDENCE)
+
+
+def summarise(spec: MatrixSpec, done: dict[str, list[dict]], baseline: dict | None = None) -> list[dict]:
+    """One entry per cell of the matrix: its overrides, finished seeds, steps, metric intervals, curve,
+    and with a baseline its paired gain."""
     cells = []
     for cell in spec.cells:
         runs = sorted(done.get(cell.name, []), key=lambda r: r["seed"])
@@ -56,6 +76,7 @@ def summarise(spec: MatrixSpec, done: dict[str, list[dict]]) -> list[dict]:
                 "metrics": metrics,
                 "per_seed": {str(r["seed"]): {k: _finite(v) for k, v in r["metrics"].items()} for r in runs},
                 "reward_curve": [{"step": s, "mean": m, "seeds": n} for s, m, n in curve],
+                **({"gain": asdict(paired_gain(runs, baseline))} if baseline else {}),
             }
         )
     return cells
@@ -71,16 +92,34 @@ def _cell_text(interval: dict, scale: float, digits: int) -> str:
     return f"{text} [{scale * iv.low:.{digits}f}, {scale * iv.high:.{digits}f}]"
 
 
-def markdown(title: str, cells: list[dict]) -> str:
-    """The table of results.md: one row per cell, then each cell's overrides."""
+def markdown(title: str, cells: list[dict], baseline: dict | None = None) -> str:
+    """The table of results.md: the baseline's row (if any), one row per cell, then each cell's overrides."""
     head = ["cell", "seeds", "steps", *(column for _, column, *_ in COLUMNS)]
+    if baseline:
+        head.insert(3, "gain over the start, points")
     lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    if baseline:
+        values = baseline["metrics"]
+        row = ["start (baseline)", "–", "0", "–"]
+        row += [
+            f"{scale * values[key]:.{digits}f}" if key in values else "–" for key, _, scale, digits in COLUMNS
+        ]
+        lines.append("| " + " | ".join(row) + " |")
     for c in cells:
         steps = "–" if not c["steps"] else f"{min(c['steps'])}-{max(c['steps'])}"
         row = [f"`{c['name']}`", str(len(c["seeds"])), steps]
+        if baseline:
+            row.append(_cell_text(c["gain"], 100, 1))
         row += [_cell_text(c["metrics"][key], scale, digits) for key, _, scale, digits in COLUMNS]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", CI_NOTE, "", "| cell | overrides |", "| --- | --- |"]
+    lines += [
+        "",
+        CI_NOTE,
+        *(["", GAIN_NOTE] if baseline else []),
+        "",
+        "| cell | overrides |",
+        "| --- | --- |",
+    ]
     lines += [f"| `{c['name']}` | {' '.join(f'`{o}`' for o in c['overrides']) or '(none)'} |" for c in cells]
     return "\n".join(lines) + "\n"
 
@@ -115,9 +154,11 @@ def plot(title: str, cells: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write(spec: MatrixSpec, matrix: Path, out: Path, done: dict[str, list[dict]]) -> list[dict]:
+def write(
+    spec: MatrixSpec, matrix: Path, out: Path, done: dict[str, list[dict]], baseline: dict | None = None
+) -> list[dict]:
     """results.json, results.md and curves.png in `out`; returns the cells' summaries."""
-    cells = summarise(spec, done)
+    cells = summarise(spec, done, baseline)
     title = f"ablation {matrix.stem}"
     body = {
         "matrix": str(matrix),
@@ -125,7 +166,9 @@ def write(spec: MatrixSpec, matrix: Path, out: Path, done: dict[str, list[dict]]
         "seeds": spec.seeds,
         "cells": cells,
     }
+    if baseline:
+        body["baseline"] = {"model": baseline["model"], "metrics": baseline["metrics"], "gain": GAIN_NOTE}
     atomic_write_text(out / "results.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(out / "results.md", markdown(title, cells))
+    atomic_write_text(out / "results.md", markdown(title, cells, baseline))
     plot(title, cells, out / "curves.png")
     return cells

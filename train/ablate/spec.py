@@ -13,6 +13,8 @@ eval, the seeds, a time budget, and the cells, each a name plus dotted overrides
       max_new_tokens: 64
     seeds: [0, 1, 2]
     time_budget_s: 300                        # training seconds per cell-seed (the trainer's max_time_s)
+    baseline: "{out}/base/sft/model"          # optional: the start model, evaluated once the same way;
+                                              # each cell's gain over it gets a paired bootstrap interval
     cells:
       - {name: ladder, overrides: [data.shuffle=false]}
       - {name: shuffled, overrides: [data.shuffle=true]}
@@ -78,6 +80,9 @@ class MatrixSpec:
     time_budget_s: float | None = None  # training seconds per cell-seed; None: no budget
     prepare: dict[str, list[str]] = field(default_factory=dict)  # name -> observe-r1 argv
     reward_window: int = 5  # the reward at the end: mean reward/total of the last N logged steps
+    # The model every cell starts from (a folder, `{out}` filled in), evaluated once like a cell-seed:
+    # the report gives each cell's held-out gain over it, question by question (report.py)
+    baseline: str | None = None
 
     def __post_init__(self):
         """Checks of the matrix alone (the overrides are checked against the train config later)."""
@@ -149,6 +154,9 @@ def check_inputs(spec: MatrixSpec, path: Path, out: Path) -> None:
     data = spec.eval.data and Path(fill(str(spec.eval.data), out))
     if data and not data.is_file():
         raise MatrixError(f"{path}: eval.data: no such file: {data}")
+    baseline = spec.baseline and Path(fill(spec.baseline, out))
+    if baseline and not (baseline / "config.json").is_file():
+        raise MatrixError(f"{path}: baseline: not a model folder (no config.json): {baseline}")
 
 
 def check_prepare(spec: MatrixSpec, path: Path, out: Path) -> None:
