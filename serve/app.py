@@ -19,9 +19,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from observe_r1_serve.config import RequestError, ServerConfig
 from observe_r1_serve.engine import Engine
 from observe_r1_serve.metrics import Metrics
-from observe_r1_serve.openapi import IGNORED_HEADER, apply_limits, event_stream, ignored_header
+from observe_r1_serve.openapi import IGNORED_HEADER, add_models, apply_limits, event_stream, ignored_header
 from observe_r1_serve.protocol import (
     REFUSED,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -199,6 +200,7 @@ def create_app(
             return app.openapi_schema
         engine = state["engine"]
         document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        add_models(document, ChatCompletionChunk)
         apply_limits(document, config, engine.vocab_size if engine else None)
         if engine is not None:
             app.openapi_schema = document

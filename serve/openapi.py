@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
+from pydantic import BaseModel
+
 from observe_r1_serve.config import ServerConfig
 
 IGNORED_HEADER = "X-Observe-R1-Ignored-Params"
@@ -47,6 +49,18 @@ def event_stream(chunk: str) -> dict[str, Any]:
     }
     schema = {"type": "object", "properties": {"data": data}, "required": ["data"]}
     return {"text/event-stream": {"schema": schema}}
+
+
+def add_models(document: dict[str, Any], *models: type[BaseModel]) -> dict[str, Any]:
+    """`document` with the schemas of `models` (and of the models they use) in its components: the
+    chunks of a stream appear in no route's response model, so FastAPI leaves them out, but the event
+    stream's schema refers to them."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in {**schema.pop("$defs", {}), model.__name__: schema}.items():
+            schemas.setdefault(name, definition)
+    return document
 
 
 def at_most_pattern(limit: int) -> str:

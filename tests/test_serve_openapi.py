@@ -20,6 +20,25 @@ def test_the_document_carries_the_running_servers_limits(server):
     assert r.status_code == 405 and r.headers["allow"] == "GET"
 
 
+def test_every_reference_in_the_document_resolves(server):
+    doc = httpx.get(f"{server.base_url}/openapi.json").json()
+
+    def refs(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = set(refs(doc))
+    assert "#/components/schemas/ChatCompletionChunk" in found  # the event stream's chunks
+    schemas = doc["components"]["schemas"]
+    assert {r for r in found if r.removeprefix("#/components/schemas/") not in schemas} == set()
+
+
 def test_schemathesis_finds_no_disagreement_between_document_and_server(start_server, tmp_path):
     s = start_server("--max-completion-tokens", "16", "--max-n", "2")
     st = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
