@@ -85,7 +85,7 @@ demo: setup setup-eval
 	$(VENV)/bin/observe-r1 demo --dir $(DEMO_DIR) --port $(DEMO_PORT)
 
 test: setup setup-vllm setup-eval setup-deploy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # the slowest tests, to keep make test near 30 minutes
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_reasoning_parser.py tests/test_vllm_rollout.py tests/test_image_rules.py
 
 bench: setup setup-vllm
