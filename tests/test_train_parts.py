@@ -142,8 +142,7 @@ def test_sft_targets_follow_the_format_variant():
 def test_shuffled_rewards_permute_each_response_pair_and_keep_what_was_earned():
     """`reward.shuffle` (the control run): (total, accuracy) pairs move together to other responses,
     the same way for the same seed; components and metrics still show the true rewards."""
-    from observe_r1_train.rewards import RewardBreakdown
-    from observe_r1_train.trainer import shuffled
+    from observe_r1_train.rewards import RewardBreakdown, shuffled
 
     total = [float(i) for i in range(16)]
     true = RewardBreakdown(

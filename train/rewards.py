@@ -19,8 +19,10 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+import torch
 
 from observe_r1.answer import accuracy
 from observe_r1.data import Sample
@@ -221,3 +223,14 @@ def compute_rewards(
     if "bonus" in values:
         metrics["bonus_rate"] = sum(v > 0 for v in values["bonus"]) / max(n // group_size, 1)
     return RewardBreakdown(total, values, dict(components), metrics, accuracies)
+
+
+def shuffled(breakdown: RewardBreakdown, seed: int) -> RewardBreakdown:
+    """`breakdown` with its responses' (total, accuracy) pairs permuted by `seed` (`reward.shuffle`, the
+    control run); components and metrics keep the true values, so the logs still show what was earned."""
+    order = torch.randperm(len(breakdown.total), generator=torch.Generator().manual_seed(seed)).tolist()
+    return replace(
+        breakdown,
+        total=[breakdown.total[i] for i in order],
+        accuracy=[breakdown.accuracy[i] for i in order],
+    )

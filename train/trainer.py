@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -40,7 +40,7 @@ from observe_r1_train import algorithms, dynamic_sampling
 from observe_r1_train import shared_prefix as sharing
 from observe_r1_train.config import TrainConfig
 from observe_r1_train.prompts import prompt_text
-from observe_r1_train.rewards import RewardBreakdown, compute_rewards
+from observe_r1_train.rewards import RewardBreakdown, compute_rewards, shuffled
 from observe_r1_train.rollout import RolloutBatch, RolloutEngine, TransformersRollout, keyed_seed
 from observe_r1_train.runner import Runner, StepResult, reference_model
 
@@ -403,17 +403,6 @@ class Collected:
     filter_metrics: dict[str, float]  # rounds and the share of generated groups that passed the filter
     timing: dict[str, float]  # seconds spent generating and scoring
     logged: list[dict]  # one row per generated group for rollouts.jsonl
-
-
-def shuffled(breakdown: RewardBreakdown, seed: int) -> RewardBreakdown:
-    """`breakdown` with its responses' (total, accuracy) pairs permuted by `seed` (`reward.shuffle`, the
-    control run); components and metrics keep the true values, so the logs still show what was earned."""
-    order = torch.randperm(len(breakdown.total), generator=torch.Generator().manual_seed(seed)).tolist()
-    return replace(
-        breakdown,
-        total=[breakdown.total[i] for i in order],
-        accuracy=[breakdown.accuracy[i] for i in order],
-    )
 
 
 def _group_log(batch: RolloutBatch, breakdown: RewardBreakdown, i: int) -> dict:

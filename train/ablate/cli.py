@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import time
@@ -66,6 +67,8 @@ def evaluate_baseline(spec: MatrixSpec, out: Path) -> dict | None:
     if result is not None and result["model"] == str(job.model_dir):
         log(f"baseline {job.model_dir}: already evaluated, skipping")
         return result
+    if result is not None:  # another model's eval: its report would be read as this one's
+        shutil.rmtree(job.dir)
     log(f"baseline {job.model_dir}: serve, eval")
     began = time.monotonic()
     result = run_baseline(job, spec.eval, out)
