@@ -172,6 +172,9 @@ def test_wrong_types(tmp_path):
         tmp_path, overrides=("reward.components={format: x}",)
     )
     assert "optim: expected a mapping, got float 0.1" in error(tmp_path, overrides=("optim=0.1",))
+    assert "reward.shuffle: ['answer'] are not reward.components" in error(
+        tmp_path, overrides=("reward.shuffle=[accuracy, answer]",)
+    )
 
 
 def test_bad_choice(tmp_path):

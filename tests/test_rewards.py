@@ -221,6 +221,31 @@ def test_weights_and_clamp():
         compute_rewards(completions, samples, [10, 10], 3)
 
 
+def test_shuffled_components_move_to_other_responses_and_the_logs_keep_what_was_earned():
+    """`reward.shuffle` (the control run): the named components enter the total permuted by one seeded
+    permutation, the answer check the weights read moves with "accuracy", the format reward stays with
+    its response, and the logged components and metrics are the true ones."""
+    completions = [wrap("42"), wrap("1"), "42", "<think>x</think>", wrap("42"), "41", wrap("7"), "42"] * 2
+    lengths = list(range(101, 117))
+    samples = [sample("42")] * 16
+    true = compute_rewards(completions, samples, lengths, 4)
+
+    def control(names, seed=3):
+        return compute_rewards(completions, samples, lengths, 4, shuffle=names, shuffle_seed=seed)
+
+    answers = control(["accuracy", "bonus"])
+    assert answers == control(["accuracy", "bonus"]) and answers != control(["accuracy", "bonus"], seed=4)
+    assert answers.components == true.components and answers.metrics == true.metrics
+    assert sorted(answers.accuracy) == sorted(true.accuracy) and answers.accuracy != true.accuracy
+    fmt = true.components["format"]
+    earned = [a + b for a, b in zip(true.accuracy, true.components["bonus"], strict=True)]
+    moved = [t - f for t, f in zip(answers.total, fmt, strict=True)]  # accuracy + bonus, permuted
+    assert sorted(moved) == pytest.approx(sorted(earned)) and moved != pytest.approx(earned)
+    everything = control(["accuracy", "format", "bonus"])
+    assert sorted(everything.total) == pytest.approx(sorted(true.total)) and everything.total != true.total
+    assert everything.accuracy == answers.accuracy  # one permutation per seed, whatever is shuffled
+
+
 CUSTOM = """
 from observe_r1_train.rewards import group_reward
 

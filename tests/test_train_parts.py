@@ -137,23 +137,3 @@ def test_sft_targets_follow_the_format_variant():
     )
     assert sft_target(own, TargetConfig(), "think") == "<think>t</think>\n<answer>7</answer>"
     assert sft_target(own, TargetConfig()) == own.extra["response"]
-
-
-def test_shuffled_rewards_permute_each_response_pair_and_keep_what_was_earned():
-    """`reward.shuffle` (the control run): (total, accuracy) pairs move together to other responses,
-    the same way for the same seed; components and metrics still show the true rewards."""
-    from observe_r1_train.rewards import RewardBreakdown, shuffled
-
-    total = [float(i) for i in range(16)]
-    true = RewardBreakdown(
-        total=total,
-        components={"accuracy": [i % 2 for i in range(16)]},
-        weights={"accuracy": 1.0},
-        metrics={"reward/total": 7.5},
-        accuracy=[i / 100 for i in range(16)],
-    )
-    a, b, c = shuffled(true, 1), shuffled(true, 1), shuffled(true, 2)
-    assert a == b and a.total != c.total
-    assert sorted(a.total) == total and a.total != total
-    assert all(acc == t / 100 for t, acc in zip(a.total, a.accuracy, strict=True))
-    assert a.components == true.components and a.metrics == true.metrics and true.total == total

@@ -154,10 +154,12 @@ class RewardConfig:
     bonus_requires_format: bool = True  # ours: only a well-formatted shortest answer wins the bonus
     clamp: float | None = REWARD_CLAMP  # authors clamp the total to [-clamp, clamp]; None: no clamp
     nested_observe: bool = False  # also accept <observe> nested in <think> (the authors' regex); observe only
-    # A control experiment, not a recipe: each generation round's (reward, accuracy) pairs are permuted
-    # over its responses before advantages, so the signal no longer says which response was better;
-    # the logged reward metrics stay the true ones. Gains that survive it come from more steps alone.
-    shuffle: bool = False
+    # A control experiment, not a recipe: these components' values (and, with "accuracy", the answer
+    # check the weights read) are permuted over each generation round's responses before the total, so
+    # they no longer say which response was better; the logged reward metrics stay the true ones.
+    # [accuracy, bonus] keeps the format reward and removes what the answers earned; every component
+    # permutes the whole reward. Gains that survive it do not come from the shuffled components.
+    shuffle: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -316,6 +318,12 @@ class TrainConfig(RunConfig):
             ("reward.bonus_min_len", self.reward.bonus_min_len, 0),
         ]:
             _check_at_least(key, value, low)
+        unknown = [c for c in self.reward.shuffle if c != "accuracy" and c not in self.reward.components]
+        _check(
+            not unknown,
+            "reward.shuffle",
+            f"{unknown} are not reward.components ({list(self.reward.components)})",
+        )
         responses = ro.prompts_per_step * ro.group_size
         per_step = f"the {responses} responses of a step (rollout.prompts_per_step x rollout.group_size)"
         _check(responses % opt.train_batch == 0, "optim.train_batch", f"must divide {per_step}")

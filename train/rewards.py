@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -171,6 +171,8 @@ def compute_rewards(
     bonus_min_len: int = BONUS_MIN_LEN,
     bonus_requires_format: bool = True,
     clamp: float | None = REWARD_CLAMP,
+    shuffle: Sequence[str] = (),
+    shuffle_seed: int = 0,
 ) -> RewardBreakdown:
     """Total = Σ weight · component for a batch of consecutive groups of `group_size` responses.
 
@@ -179,6 +181,9 @@ def compute_rewards(
     the mean of the total and of each component, plus `accuracy` and `format_rate` (shares of
     responses with a correct answer and passing the format check, rewarded or not) and, with the
     bonus on, `bonus_rate` (share of groups where someone got the bonus).
+
+    `shuffle` (the control run, `reward.shuffle`) names components whose values enter the total
+    permuted over the batch (`shuffled`); the returned components and metrics keep the true values.
     """
     n = len(completions)
     if group_size < 1 or n % group_size or len(samples) != n or len(lengths) != n:
@@ -209,7 +214,10 @@ def compute_rewards(
                 values[spec] += _call(spec, fn, completions[part], samples[part], group_ctx)
         else:
             values[spec] = _call(spec, fn, completions, samples, ctx)
-    total = [sum(components[s] * values[s][i] for s in components) for i in range(n)]
+    scored, answer_checks = (
+        shuffled(values, accuracies, shuffle, shuffle_seed) if shuffle else (values, accuracies)
+    )
+    total = [sum(components[s] * scored[s][i] for s in components) for i in range(n)]
     if clamp is not None:
         total = [min(max(t, -clamp), clamp) for t in total]
     metrics = {"reward/total": sum(total) / max(n, 1), "accuracy": sum(accuracies) / max(n, 1)}
@@ -222,15 +230,15 @@ def compute_rewards(
     metrics["format_rate"] = sum(v > 0 for v in formats) / max(n, 1)
     if "bonus" in values:
         metrics["bonus_rate"] = sum(v > 0 for v in values["bonus"]) / max(n // group_size, 1)
-    return RewardBreakdown(total, values, dict(components), metrics, accuracies)
+    return RewardBreakdown(total, values, dict(components), metrics, answer_checks)
 
 
-def shuffled(breakdown: RewardBreakdown, seed: int) -> RewardBreakdown:
-    """`breakdown` with its responses' (total, accuracy) pairs permuted by `seed` (`reward.shuffle`, the
-    control run); components and metrics keep the true values, so the logs still show what was earned."""
-    order = torch.randperm(len(breakdown.total), generator=torch.Generator().manual_seed(seed)).tolist()
-    return replace(
-        breakdown,
-        total=[breakdown.total[i] for i in order],
-        accuracy=[breakdown.accuracy[i] for i in order],
-    )
+def shuffled(
+    values: Mapping[str, list[float]], accuracy: list[float], names: Sequence[str], seed: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """The components `names` of `values` permuted over the responses by one permutation drawn from
+    `seed`, the others as they are; `accuracy` (the answer check the weights read) permuted the same way
+    when "accuracy" is among `names`. Permuting every component permutes the total."""
+    order = torch.randperm(len(accuracy), generator=torch.Generator().manual_seed(seed)).tolist()
+    moved = {k: [v[i] for i in order] if k in names else v for k, v in values.items()}
+    return moved, [accuracy[i] for i in order] if "accuracy" in names else accuracy

@@ -40,7 +40,7 @@ from observe_r1_train import algorithms, dynamic_sampling
 from observe_r1_train import shared_prefix as sharing
 from observe_r1_train.config import TrainConfig
 from observe_r1_train.prompts import prompt_text
-from observe_r1_train.rewards import RewardBreakdown, compute_rewards, shuffled
+from observe_r1_train.rewards import RewardBreakdown, compute_rewards
 from observe_r1_train.rollout import RolloutBatch, RolloutEngine, TransformersRollout, keyed_seed
 from observe_r1_train.runner import Runner, StepResult, reference_model
 
@@ -274,9 +274,9 @@ class GRPOTrainer(Runner):
             bonus_min_len=rw.bonus_min_len,
             bonus_requires_format=rw.bonus_requires_format,
             clamp=rw.clamp,
+            shuffle=rw.shuffle,
+            shuffle_seed=keyed_seed(cfg.seed, "shuffle", place["epoch"], place["index"]),
         )
-        if rw.shuffle:
-            breakdown = shuffled(breakdown, keyed_seed(cfg.seed, "shuffle", place["epoch"], place["index"]))
         timing["rollout"] += rolled - started
         timing["reward"] += time.perf_counter() - rolled
         return batch, breakdown
