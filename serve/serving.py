@@ -64,6 +64,21 @@ log = logging.getLogger("observe_r1.serve")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _FIELD_NAMES = {"observation": "observation", "reasoning": "reasoning", "answer": "content"}
 _LOWEST_LOGPROB = -9999.0  # what OpenAI and vLLM send for -inf, which JSON cannot carry
+# The chat template's stand-ins for media (Qwen2.5-VL's): the processor expands each into one image's
+# or video's tokens, so one typed into a prompt of an image model would claim features that no image
+# brings (a batch-breaking mismatch in the engine), or another image's.
+MEDIA_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>")
+
+
+def check_text(text: str, param: str) -> None:
+    """Refuse prompt text of an image model that holds a media placeholder."""
+    found = next((p for p in MEDIA_PLACEHOLDERS if p in text), None)
+    if found is not None:
+        raise RequestError(
+            f"the text holds {found}, the model's stand-in for an image's tokens; send images as"
+            " image_url content parts",
+            param=param,
+        )
 
 
 def unknown_params(req: ChatCompletionRequest | CompletionRequest, config: ServerConfig) -> list[str]:
@@ -163,11 +178,15 @@ async def template_messages(
     for i, message in enumerate(req.messages):
         role = ROLES[message.role]
         if message.content is None or isinstance(message.content, str):
+            if image_rules is not None:
+                check_text(message.content or "", f"messages[{i}].content")
             messages.append({"role": role, "content": message.content or ""})
             continue
         parts = []
         for j, part in enumerate(message.content):
             if part.type == "text":
+                if image_rules is not None:
+                    check_text(part.text, f"messages[{i}].content[{j}].text")
                 parts.append({"type": "text", "text": part.text})
                 continue
             if image_rules is None:
@@ -297,6 +316,11 @@ class Service:
             describe(values, sources),
         )
         self._discarding: set[asyncio.Task] = set()  # keeps the clean-up tasks referenced until they end
+        self._placeholder_ids = (
+            {ids[0] for p in MEDIA_PLACEHOLDERS if len(ids := engine.encode(p)) == 1}
+            if engine.image_rules is not None
+            else set()
+        )
 
     # --- shared ---------------------------------------------------------------------------------
 
@@ -534,6 +558,8 @@ class Service:
         out = []
         for param, one in named:
             if isinstance(one, str):
+                if self._placeholder_ids:
+                    check_text(one, param)
                 ids = self.engine.encode(one)
                 if not ids:
                     raise RequestError("the prompt tokenises to no tokens", param=param)
@@ -545,6 +571,13 @@ class Service:
                 raise RequestError(
                     f"token id {one[bad]} is not in this model's vocabulary (0 to {vocab - 1})",
                     param=f"{param}[{bad}]",
+                )
+            media = next((j for j, t in enumerate(one) if t in self._placeholder_ids), None)
+            if media is not None:
+                raise RequestError(
+                    f"token id {one[media]} is the model's stand-in for an image's tokens; this endpoint"
+                    " takes no images",
+                    param=f"{param}[{media}]",
                 )
             out.append((None, list(one)))
         return out

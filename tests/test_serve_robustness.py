@@ -393,3 +393,36 @@ def test_schemathesis_finds_no_server_errors(limited, tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert limited.proc.poll() is None
+
+
+def test_media_placeholders_typed_into_a_prompt_are_refused_naming_where(limited):
+    """A prompt of an image model that holds `<|image_pad|>` (as text or as its token id) would claim
+    image features no image brings: 400 naming the part, and the server answers the next request."""
+    pad = httpx.post(f"{limited.base_url}/tokenize", json={"prompt": "<|image_pad|>"}).json()["tokens"]
+    assert len(pad) == 1
+    chat = [
+        (ask("look at <|image_pad|> here"), "messages[0].content"),
+        (
+            {"model": "tiny", "messages": image_message(data_url())},
+            None,
+        ),
+        (
+            ask([{"type": "text", "text": "a"}, {"type": "text", "text": "<|video_pad|>"}]),
+            "messages[0].content[1].text",
+        ),
+    ]
+    for body, param in chat:
+        r = post(limited, body | {"max_tokens": 2})
+        assert (r.status_code, r.json().get("error", {}).get("param")) == (
+            (400, param) if param else (200, None)
+        ), r.text
+    completions = [
+        ({"prompt": "a <|image_pad|> b"}, "prompt"),
+        ({"prompt": ["fine", "<|video_pad|>"]}, "prompt[1]"),
+        ({"prompt": [5, pad[0], 6]}, "prompt[1]"),
+        ({"prompt": [[5], [10**7]]}, "prompt[1][0]"),
+    ]
+    for body, param in completions:
+        r = httpx.post(f"{limited.base_url}/v1/completions", json={"model": "tiny", "max_tokens": 2, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert post(limited, ask("still here?")).status_code == 200
