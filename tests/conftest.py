@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from observe_r1.net import free_port
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -60,14 +62,6 @@ def synth_dir(tmp_path_factory) -> Path:
     from observe_r1.synth import generate
 
     return generate(tmp_path_factory.mktemp("data") / "synth", n=40, seed=0, progress=False).parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
