@@ -34,7 +34,9 @@ from observe_r1_serve.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from observe_r1_serve.serving import Service, Started
+from observe_r1_serve.serving import Started
+from observe_r1_serve.serving_chat import ChatServing
+from observe_r1_serve.serving_completion import CompletionServing
 
 log = logging.getLogger("observe_r1.serve")
 
@@ -42,6 +44,10 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 TOKENIZE_PATH = "/tokenize"  # where vLLM's server has it
 COUNTED_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
+
+
+class Service(ChatServing, CompletionServing):
+    """Both endpoints over one engine: one set of limits, one queue, one count of tokens."""
 
 
 def error_response(err: RequestError) -> JSONResponse:
