@@ -14,7 +14,7 @@ from observe_r1.config import ConfigError
 from observe_r1_eval.run import run_parser
 from observe_r1_train.ablate import report
 from observe_r1_train.ablate.cell import check_job_file, eval_argv, results, serve_argv
-from observe_r1_train.ablate.plan import plan
+from observe_r1_train.ablate.plan import plan, select
 from observe_r1_train.ablate.spec import MatrixError, check_inputs, load_matrix
 from observe_r1_train.ablate.stats import (
     mean_curve,
@@ -164,6 +164,18 @@ def test_plan_runs_every_cell_with_a_seed_before_the_next_seed(tmp_path):
         f"checkpoint.output_dir={out / 'cells' / 'a' / 'seed-1' / 'train'}",
         "max_time_s=60.0",
     )
+
+
+def test_a_sitting_can_run_some_seeds_and_cells_and_unknown_ones_are_refused(tmp_path):
+    out = tmp_path / "out"
+    jobs = plan(load_matrix(write_matrix(tmp_path), out), out)
+    assert select(jobs) == jobs
+    assert [(j.cell, j.seed) for j in select(jobs, seeds=[1])] == [("a", 1), ("b", 1)]
+    assert [(j.cell, j.seed) for j in select(jobs, seeds=[0, 1], cells=["b"])] == [("b", 0), ("b", 1)]
+    with pytest.raises(MatrixError, match=r"--seeds: \[7\] not in the matrix \(it has \[0, 1\]\)"):
+        select(jobs, seeds=[7])
+    with pytest.raises(MatrixError, match=r"--cells: \['c'\] not in the matrix \(it has \['a', 'b'\]\)"):
+        select(jobs, cells=["a", "c"])
 
 
 def test_a_cell_seed_started_with_other_overrides_is_refused(tmp_path):

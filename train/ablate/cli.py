@@ -22,7 +22,7 @@ from observe_r1.errors import UserError
 from observe_r1.io import atomic_write_text
 from observe_r1_train.ablate import report
 from observe_r1_train.ablate.cell import CommandFailed, check_job_file, run_baseline, run_job, run_logged
-from observe_r1_train.ablate.plan import Job, baseline_job, plan
+from observe_r1_train.ablate.plan import Job, baseline_job, plan, select
 from observe_r1_train.ablate.spec import MatrixSpec, check_inputs, fill, load_matrix
 
 
@@ -80,17 +80,22 @@ def evaluate_baseline(spec: MatrixSpec, out: Path) -> dict | None:
     return result
 
 
-def run_all(spec: MatrixSpec, matrix: Path, out: Path) -> list[dict]:
-    """The baseline, then every unfinished cell-seed in plan order, the results rewritten after each;
-    returns the summaries."""
+def run_all(
+    spec: MatrixSpec, matrix: Path, out: Path, seeds: list[int] | None = None, cells: list[str] | None = None
+) -> list[dict]:
+    """The baseline, then every unfinished cell-seed in plan order (of `seeds` and `cells` only, when
+    given), the results of every finished one rewritten after each; returns the summaries."""
+    every = plan(spec, out)
+    jobs = select(every, seeds, cells)
     baseline = evaluate_baseline(spec, out)
-    jobs, cells = plan(spec, out), {c.name: c for c in spec.cells}
+    overrides = {c.name: c.overrides for c in spec.cells}
     done: dict[str, list[dict]] = {}
     todo: list[Job] = []
-    for job in jobs:
+    for job in every:
         result = job.done()
         if result is None:
-            todo.append(job)
+            if job in jobs:
+                todo.append(job)
         else:
             check_job_file(job)  # a finished cell-seed of other overrides would be reported as this one
             done.setdefault(job.cell, []).append(result)
@@ -102,8 +107,8 @@ def run_all(spec: MatrixSpec, matrix: Path, out: Path) -> list[dict]:
             continue
         left = len(todo) - len(spent)
         eta = f"ETA {duration(left * sum(spent) / len(spent))}" if spent else "ETA after the first cell-seed"
-        overrides = " ".join(cells[job.cell].overrides) or "no overrides"
-        log(f"{head}: train ({overrides}), serve, eval; elapsed {duration(time.monotonic() - start)}, {eta}")
+        told = " ".join(overrides[job.cell]) or "no overrides"
+        log(f"{head}: train ({told}), serve, eval; elapsed {duration(time.monotonic() - start)}, {eta}")
         began = time.monotonic()
         result = run_job(job, spec.eval, out, spec.reward_window)
         spent.append(time.monotonic() - began)
@@ -127,9 +132,10 @@ def run(args: argparse.Namespace) -> int:
     log(f"{args.matrix}: {len(spec.cells)} cells x {len(spec.seeds)} seeds; results in {out}")
     previous = signal.signal(signal.SIGTERM, _stop)  # a stop reaches the training run as SIGTERM
     try:
+        select(plan(spec, out), args.seeds, args.cells)  # an unknown seed or cell stops it before preparing
         prepare(spec, out)
         check_inputs(spec, args.matrix, out)
-        run_all(spec, args.matrix, out)
+        run_all(spec, args.matrix, out, args.seeds, args.cells)
     except KeyboardInterrupt:
         log("stopped; run the same command again to resume")
         return 130
@@ -144,6 +150,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "matrix", type=Path, help="the matrix file, e.g. train/configs/ablations/cpu/ladder_order.yaml"
     )
     parser.add_argument("--out", type=Path, required=True, help="the results folder (a later run resumes it)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run these of the matrix's seeds only (the report covers every finished one)",
+    )
+    parser.add_argument(
+        "--cells", nargs="+", help="run these cells only (the report covers every finished one)"
+    )
 
 
 ABLATE = Command(

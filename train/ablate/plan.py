@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from observe_r1.format import DEFAULT_VARIANT
-from observe_r1_train.ablate.spec import CellSpec, MatrixSpec, cell_overrides, fill
+from observe_r1_train.ablate.spec import CellSpec, MatrixError, MatrixSpec, cell_overrides, fill
 from observe_r1_train.config import load_training_config
 
 DONE = "done.json"
@@ -97,3 +97,16 @@ def plan(spec: MatrixSpec, out: Path) -> list[Job]:
             argv = train_argv(spec, cell, seed, out, job_dir)
             jobs.append(Job(cell.name, seed, job_dir, argv, variants[cell.name]))
     return jobs
+
+
+def select(jobs: list[Job], seeds: list[int] | None = None, cells: list[str] | None = None) -> list[Job]:
+    """The jobs of some seeds and some cells (None: all), for a sitting that runs part of a matrix;
+    a seed or cell the matrix does not have is refused by name."""
+    for flag, asked, known in [
+        ("--seeds", seeds, {j.seed for j in jobs}),
+        ("--cells", cells, {j.cell for j in jobs}),
+    ]:
+        unknown = [a for a in asked or [] if a not in known]
+        if unknown:
+            raise MatrixError(f"{flag}: {unknown} not in the matrix (it has {sorted(known)})")
+    return [j for j in jobs if (seeds is None or j.seed in seeds) and (cells is None or j.cell in cells)]
