@@ -12,10 +12,7 @@ from PIL import Image
 
 from observe_r1.format import ParseResult, StreamParser, parse, system_prompt
 from observe_r1_serve.config import RequestError, ServerConfig
-from observe_r1_serve.engine import (
-    EngineRequest,
-    TokenLogprob,
-)
+from observe_r1_serve.engine import EngineRequest, TokenLogprob
 from observe_r1_serve.image_rules import ImageRules
 from observe_r1_serve.images import load_image
 from observe_r1_serve.protocol import (

@@ -9,11 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from observe_r1_serve.config import RequestError, ServerConfig
-from observe_r1_serve.engine import (
-    Engine,
-    EngineRequest,
-    TokenLogprob,
-)
+from observe_r1_serve.engine import Engine, EngineRequest, TokenLogprob
 from observe_r1_serve.metrics import Metrics
 from observe_r1_serve.protocol import (
     CompletionChoice,
