@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from observe_r1.data import Sample
 from observe_r1.format import parse
@@ -137,3 +138,18 @@ def test_sft_targets_follow_the_format_variant():
     )
     assert sft_target(own, TargetConfig(), "think") == "<think>t</think>\n<answer>7</answer>"
     assert sft_target(own, TargetConfig()) == own.extra["response"]
+
+
+def test_pooled_std_over_ranks_is_the_std_of_all_values():
+    """`advantage/std` pools every rank's count, sum and sum of squares: the deviation of all the values,
+    not the mean of each rank's (which misses the spread between ranks)."""
+    from observe_r1_train.trainer import pooled_std
+
+    ranks = [torch.tensor([1.0, 1.0, 1.0]), torch.tensor([3.0, 3.0, 3.0])]
+    sums = [
+        sum(x)
+        for x in zip(*[(r.numel(), r.sum().item(), r.square().sum().item()) for r in ranks], strict=True)
+    ]
+    assert pooled_std(*sums) == pytest.approx(torch.cat(ranks).std().item())
+    assert pooled_std(*sums) > 1.0 > sum(r.std().item() for r in ranks) / 2
+    assert pooled_std(1, 5.0, 25.0) == 0.0

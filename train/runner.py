@@ -230,6 +230,17 @@ class Runner(abc.ABC):
         dist.all_reduce(total)
         return total.tolist()
 
+    def max_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric's largest value over the ranks (every rank must call this, in the same order)."""
+        keys = sorted(metrics)
+        if self.world == 1:
+            return {k: float(metrics[k]) for k in keys}
+        import torch.distributed as dist
+
+        top = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        return dict(zip(keys, top.tolist(), strict=True))
+
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         keys = sorted(metrics)
         totals = self.sum_over_ranks([float(metrics[k]) for k in keys])

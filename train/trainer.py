@@ -27,6 +27,7 @@ train/algorithms.py and train/rewards.py; this module only moves tensors between
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -54,6 +55,15 @@ def rollout_engine(setting: str) -> str:
     import importlib.util
 
     return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "transformers"
+
+
+def pooled_std(count: float, total: float, squares: float) -> float:
+    """The sample standard deviation of values known by their count, sum and sum of squares, each summed
+    over the ranks: sqrt((Σx² - (Σx)²/n) / (n - 1)); a mean of per-rank deviations would miss the
+    spread between ranks. 0 for fewer than two values."""
+    if count < 2:
+        return 0.0
+    return math.sqrt(max(squares - total * total / count, 0.0) / (count - 1))
 
 
 class GRPOTrainer(Runner):
@@ -372,16 +382,19 @@ class GRPOTrainer(Runner):
             "weight/mean": weights.mean().item(),
             "weight/zero_share": (weights == 0).float().mean().item(),
             "advantage/mean": adv.mean().item(),
-            "advantage/std": adv.std().item() if adv.numel() > 1 else 0.0,
-            "advantage/abs_max": adv.abs().max().item(),
             "response_length/mean": lengths.float().mean().item(),
-            "response_length/max": lengths.max().item(),
             "response_length/clipped_share": sum(r == "length" for r in batch.finish_reasons) / len(lengths),
             "time/rollout_s": collected.timing["rollout"],
             "time/reward_s": collected.timing["reward"],
             "time/update_s": done - scored,
         }
         metrics = self.mean_over_ranks(metrics)
+        metrics |= self.max_over_ranks(
+            {"advantage/abs_max": adv.abs().max().item(), "response_length/max": lengths.max().item()}
+        )
+        metrics["advantage/std"] = pooled_std(
+            *self.sum_over_ranks([adv.numel(), adv.sum().item(), adv.double().square().sum().item()])
+        )
         metrics["lr"] = self.engine.get_lr()[0]
         metrics["time/step_s"] = time.perf_counter() - started
         advantages = iter(adv.view(-1, g).tolist())
