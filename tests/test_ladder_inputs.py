@@ -164,3 +164,42 @@ def test_contamination_by_question_exact_and_perceptual_image(tmp_path):
     exact_only = EvalIndex(eval_rows, question=False, image="exact", max_distance=4)
     assert [len(exact_only.matches(i, r)) for i, r in enumerate(rows)] == [0, 1, 0, 0]
     assert normalise_question("  How many  RED squares, are there? ") == "how many red squares are there"
+
+
+def test_a_templated_question_matches_only_through_its_image(tmp_path):
+    """Perception data asks a few template questions of many images: a training row with a template
+    question and another image is no copy; the same image still is; a question held once by each set
+    is a copied item."""
+
+    def row(name: str, seed: int, question: str) -> Row:
+        path = tmp_path / f"{name}.png"
+        picture(seed).save(path)
+        return Row(f"{name}.jsonl:1", Sample(name, [str(path)], question, "red"))
+
+    template, rare, unique = (
+        "What colour is the shape?",
+        "Is the red square left?",
+        "What is the seventh square?",
+    )
+    eval_rows = [row("e1", 1, template), row("e2", 2, template), row("e3", 3, unique), row("e4", 6, rare)]
+    rows = [
+        row("other-image", 4, template),
+        row("same-image", 1, template),
+        row("same-unique", 5, unique),
+        row("rare-1", 7, rare),  # once in the held-out set, twice here: a template too
+        row("rare-2", 8, rare),
+    ]
+    index = EvalIndex(eval_rows, question=True, image="exact", max_distance=4, inputs=rows)
+    assert index.templates == 2
+    found = {r.sample.id: [(m.by, m.eval_id) for m in index.matches(i, r)] for i, r in enumerate(rows)}
+    assert found == {
+        "other-image": [],
+        "same-image": [("image (same pixels)", "e1")],
+        "same-unique": [("question", "e3")],
+        "rare-1": [],
+        "rare-2": [],
+    }
+    loose = EvalIndex(
+        eval_rows, question=True, image="none", max_distance=4, question_max_repeats=3, inputs=rows
+    )
+    assert [len(loose.matches(i, r)) for i, r in enumerate(rows)] == [0, 0, 1, 1, 1]  # the template: 4 > 3

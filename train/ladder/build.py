@@ -239,7 +239,12 @@ class Builder:
             self.log.record("contamination", False, len(rows), [])
             return rows
         index = EvalIndex(
-            read_all(c.eval_sets, {}, "train", self.out / IMAGES_DIR), c.question, c.image, c.max_distance
+            read_all(c.eval_sets, {}, "train", self.out / IMAGES_DIR),
+            c.question,
+            c.image,
+            c.max_distance,
+            c.question_max_repeats,
+            rows,
         )
         matches = [m for i, r in enumerate(rows) for m in index.matches(i, r)]
         first = {m.index: m for m in reversed(matches)}
@@ -257,7 +262,15 @@ class Builder:
             }
             for m in matches
         ]
-        self.log.record("contamination", True, len(rows), drops, matched=len(first), matches=listed)
+        self.log.record(
+            "contamination",
+            True,
+            len(rows),
+            drops,
+            matched=len(first),
+            template_questions=index.templates,
+            matches=listed,
+        )
         return [r for i, r in enumerate(rows) if not (c.drop and i in first)]
 
     def _samplers(self) -> tuple[Sampler, Sampler | None]:

@@ -74,6 +74,10 @@ class ContaminationConfig:
     question: bool = True  # the normalised question (case, punctuation, spacing ignored) matches
     image: Literal["perceptual", "exact", "none"] = "perceptual"  # perceptual also catches exact copies
     max_distance: int = 4  # ours: differing bits of the 64-bit difference hash that still match
+    # ours: a question found more often than this in the evaluation and input rows together is a
+    # template ("What colour is the shape?"), which says nothing about the item by itself: such a row
+    # matches only by its image (a copied item holds its question once in each)
+    question_max_repeats: int = 2
     drop: bool = True  # False: report the matches only
 
 
@@ -272,6 +276,7 @@ class LadderConfig:
             ("server.samples_per_request", self.server.samples_per_request, 1),
             ("server.retries", self.server.retries, 0),
             ("contamination.max_distance", self.contamination.max_distance, 0),
+            ("contamination.question_max_repeats", self.contamination.question_max_repeats, 2),
             ("smoothing.width", self.smoothing.width, 0),
         ]:
             _check(value is None or value >= low, key, f"must be >= {low} (got {value})")

@@ -1,5 +1,11 @@
 """Which input rows also appear in an evaluation set: the same normalised question, or the same image.
 
+A question that the evaluation and input rows together hold more than twice (`question_max_repeats`)
+is a template ("What colour is the shape?"): the image carries the item, so such a question matches
+nothing by itself; one copied item is the question once in each. The 64-bit difference hash cannot
+tell plain synthetic pictures apart (one shape on a blank ground: most pairs lie within 4 bits), so
+data of that kind wants `image: exact`.
+
 MathVision and WeMath are both training sources and benchmarks in the papers, so a ladder built from
 them must not hold the test items. Two images are the same when their pixels are identical (`exact`)
 or, with `perceptual`, also when their 64-bit difference hashes (dHash: Krawetz, "Kind of like that",
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,9 +62,27 @@ class Match:
 class EvalIndex:
     """The evaluation rows' normalised questions and image hashes, for lookups."""
 
-    def __init__(self, rows: list[Row], question: bool, image: str, max_distance: int):
+    def __init__(
+        self,
+        rows: list[Row],
+        question: bool,
+        image: str,
+        max_distance: int,
+        question_max_repeats: int = 2,
+        inputs: list[Row] = (),
+    ):
+        """`rows`: the evaluation rows; `inputs`: the rows to be checked, counted for the templates."""
         self.question, self.image, self.max_distance = question, image, max_distance
-        self.questions = {normalise_question(r.sample.question): r for r in rows} if question else {}
+        texts = [normalise_question(r.sample.question) for r in rows]
+        repeats = (
+            Counter(texts + [normalise_question(r.sample.question) for r in inputs])
+            if question
+            else Counter()
+        )
+        self.questions = {
+            t: r for t, r in zip(texts, rows, strict=True) if 0 < repeats[t] <= question_max_repeats
+        }
+        self.templates = sum(n > question_max_repeats for n in repeats.values())  # questions left out
         files = [(path, r) for r in rows for path in r.sample.images if not is_url(path)]
         self.pixels = {pixel_hash(p): r for p, r in files} if image != "none" else {}
         self.dhash_rows = [r for _, r in files] if image == "perceptual" else []
