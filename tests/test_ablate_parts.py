@@ -22,6 +22,7 @@ from observe_r1_train.ablate.stats import (
     t_interval,
     t_quantile,
     t_two_sided_cdf,
+    trailing_mean,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +75,12 @@ def test_paired_bootstrap_interval():
     even = paired_bootstrap([1.0, -1.0, 0.0] * 100)  # as many lost as gained: the interval holds 0
     assert even.low < 0 < even.high
     assert paired_bootstrap([]).mean is None and paired_bootstrap([0.5]).low is None
+
+
+def test_trailing_mean_smooths_over_the_window_and_starts_with_what_there_is():
+    assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert trailing_mean([1.0, 3.0, 5.0, 7.0], 3) == [1.0, 2.0, 3.0, 5.0]
+    assert trailing_mean([2.0, 4.0], 1) == [2.0, 4.0] and trailing_mean([], 5) == []
 
 
 def test_mean_curve_averages_the_seeds_that_reach_each_step():

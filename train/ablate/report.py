@@ -16,7 +16,7 @@ from pathlib import Path
 
 from observe_r1.io import atomic_path, atomic_write_text
 from observe_r1_train.ablate.spec import MatrixSpec
-from observe_r1_train.ablate.stats import Interval, mean_curve, paired_bootstrap, t_interval
+from observe_r1_train.ablate.stats import Interval, mean_curve, paired_bootstrap, t_interval, trailing_mean
 
 CONFIDENCE = 0.95
 # done.json's metrics in table order: (key, column, scale for the table, digits)
@@ -124,8 +124,9 @@ def markdown(title: str, cells: list[dict], baseline: dict | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def plot(title: str, cells: list[dict], path: Path) -> None:
-    """curves.png: the mean reward/total over seeds against the step, one line per cell."""
+def plot(title: str, cells: list[dict], path: Path, window: int = 1) -> None:
+    """curves.png: the mean reward/total over seeds against the step, one colour per cell: faint as
+    logged, bold as the trailing mean of `window` steps (one rollout of a few prompts is noisy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,15 +137,17 @@ def plot(title: str, cells: list[dict], path: Path) -> None:
         if c["reward_curve"]:
             steps = [p["step"] for p in c["reward_curve"]]
             means = [p["mean"] for p in c["reward_curve"]]
-            ax.plot(
-                steps,
-                means,
-                marker="." if len(steps) < 50 else None,
-                label=f"{c['name']} (n={len(c['seeds'])})",
-            )
+            label = f"{c['name']} (n={len(c['seeds'])})"
+            if window > 1 and len(steps) > window:
+                (raw,) = ax.plot(steps, means, alpha=0.25, linewidth=0.8)
+                ax.plot(
+                    steps, trailing_mean(means, window), color=raw.get_color(), linewidth=1.8, label=label
+                )
+            else:
+                ax.plot(steps, means, marker="." if len(steps) < 50 else None, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("reward/total, mean over seeds")
-    ax.set_title(title)
+    ax.set_title(title + (f"\nfaint: as logged; bold: trailing mean of {window} steps" if window > 1 else ""))
     ax.grid(alpha=0.3)
     if any(c["reward_curve"] for c in cells):
         ax.legend(fontsize=8)
@@ -170,5 +173,5 @@ def write(
         body["baseline"] = {"model": baseline["model"], "metrics": baseline["metrics"], "gain": GAIN_NOTE}
     atomic_write_text(out / "results.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "results.md", markdown(title, cells, baseline))
-    plot(title, cells, out / "curves.png")
+    plot(title, cells, out / "curves.png", spec.reward_window)
     return cells

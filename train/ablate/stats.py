@@ -108,3 +108,12 @@ def paired_bootstrap(
     tail = (1 - confidence) / 2
     low, high = np.quantile(d[picks].mean(axis=1), [tail, 1 - tail])
     return Interval(int(d.size), float(d.mean()), float(low), float(high))
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Each value replaced by the mean of it and the `window` - 1 before it (fewer at the start): the
+    curves' smoothed line, which lags by about window / 2 steps."""
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
