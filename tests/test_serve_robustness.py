@@ -159,12 +159,71 @@ def client_port(response: httpx.Response) -> int:
     return response.extensions["network_stream"].get_extra_info("client_addr")[1]
 
 
-def test_a_failure_inside_the_engine_is_a_500_and_the_connection_stays_usable(server):
-    # The text holds the image placeholder token with no image: the model's processor raises inside
-    # the engine, a real failure that no check before it catches.
-    failing = ask("What is <|image_pad|> here?")
-    steps = [(failing, 500), (ask("hello"), 200), ({**failing, "stream": True}, 500), (ask("hello"), 200)]
-    with httpx.Client(base_url=server.base_url, timeout=60, limits=httpx.Limits(max_connections=1)) as c:
+FAIL_AT_ONCE, FAIL_MID_STREAM = "<<fail at once>>", "<<fail mid-stream>>"
+
+
+def ready(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def failing(tiny_model_dir):
+    """The real server in this process over the real engine, which fails on a prompt holding a marker:
+    while preparing it (before the response starts), or in its stream after the first text. No real request fails there (everything that can fail
+    on its input is refused before), so the failure is injected."""
+    import threading
+
+    import uvicorn
+    from conftest import free_port
+
+    from observe_r1_serve.app import create_app
+    from observe_r1_serve.config import ServerConfig
+    from observe_r1_serve.transformers_engine import TransformersEngine
+
+    class Failing(TransformersEngine):
+        async def prepare(self, request, max_prompt_tokens):
+            if FAIL_AT_ONCE in request.prompt:  # before the response starts, as a processor that raises
+                raise RuntimeError("the engine failed")
+            await super().prepare(request, max_prompt_tokens)
+
+        def generate(self, request):
+            stream = super().generate(request)
+            return self._failing(stream) if FAIL_MID_STREAM in request.prompt else stream
+
+        async def _failing(self, stream):
+            try:
+                async for item in stream:
+                    yield item
+                    if item.text:
+                        raise RuntimeError("the engine failed mid-stream")
+            finally:
+                await stream.aclose()
+
+    config = ServerConfig(model=tiny_model_dir, served_model_name="tiny", port=free_port())
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config, Failing), port=config.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    base_url = f"http://127.0.0.1:{config.port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not ready(base_url):
+            assert time.monotonic() < deadline and thread.is_alive(), "the in-process server never got ready"
+            time.sleep(0.2)
+        yield base_url
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def test_a_failure_inside_the_engine_is_a_500_and_the_connection_stays_usable(failing):
+    broken = ask(FAIL_AT_ONCE)
+    steps = [(broken, 500), (ask("hello"), 200), ({**broken, "stream": True}, 500), (ask("hello"), 200)]
+    with httpx.Client(base_url=failing, timeout=60, limits=httpx.Limits(max_connections=1)) as c:
         responses = [c.post(CHAT, json=body) for body, _ in steps]
         ports = {client_port(r) for r in responses}
     assert [r.status_code for r in responses] == [status for _, status in steps]
@@ -179,70 +238,20 @@ def test_a_failure_inside_the_engine_is_a_500_and_the_connection_stays_usable(se
     assert "connection" not in {k.lower() for k in responses[0].headers}
 
 
-def ready(base_url: str) -> bool:
-    try:
-        return httpx.get(f"{base_url}/ready", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def test_a_stream_that_fails_mid_way_ends_with_an_error_event_on_a_usable_connection(tiny_model_dir):
-    import threading
-
-    import uvicorn
-    from conftest import free_port
-
-    from observe_r1_serve.app import create_app
-    from observe_r1_serve.config import ServerConfig
-    from observe_r1_serve.transformers_engine import TransformersEngine
-
-    marker = "<<fail mid-stream>>"
-
-    class FailingMidStream(TransformersEngine):
-        """The real engine, but the stream of a prompt holding `marker` raises after its first text:
-        no real request fails there (everything that can fail on its input fails before)."""
-
-        def generate(self, request):
-            stream = super().generate(request)
-            return self._failing(stream) if marker in request.prompt else stream
-
-        async def _failing(self, stream):
-            try:
-                async for item in stream:
-                    yield item
-                    if item.text:
-                        raise RuntimeError("the engine failed mid-stream")
-            finally:
-                await stream.aclose()
-
-    config = ServerConfig(model=tiny_model_dir, served_model_name="tiny", port=free_port())
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config, FailingMidStream), port=config.port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    base_url = f"http://127.0.0.1:{config.port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not ready(base_url):
-            assert time.monotonic() < deadline and thread.is_alive(), "the in-process server never got ready"
-            time.sleep(0.2)
-        failing = ask(marker, max_tokens=16, temperature=0)
-        with httpx.Client(base_url=base_url, timeout=60, limits=httpx.Limits(max_connections=1)) as c:
-            with c.stream("POST", CHAT, json={**failing, "stream": True}) as streamed:
-                events = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
-            whole = c.post(CHAT, json=failing)
-            good = c.post(CHAT, json=ask("hello"))
-            ports = {client_port(r) for r in (streamed, whole, good)}
-        assert streamed.status_code == 200 and events[-1] == "[DONE]"
-        assert json.loads(events[-2])["error"]["type"] == "server_error"
-        assert any(json.loads(e).get("choices") for e in events[:-2])  # the stream had begun
-        assert whole.status_code == 500 and whole.json()["error"]["type"] == "server_error"
-        assert good.status_code == 200
-        assert len(ports) == 1
-    finally:
-        server.should_exit = True
-        thread.join(60)
+def test_a_stream_that_fails_mid_way_ends_with_an_error_event_on_a_usable_connection(failing):
+    broken = ask(FAIL_MID_STREAM, max_tokens=16, temperature=0)
+    with httpx.Client(base_url=failing, timeout=60, limits=httpx.Limits(max_connections=1)) as c:
+        with c.stream("POST", CHAT, json={**broken, "stream": True}) as streamed:
+            events = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+        whole = c.post(CHAT, json=broken)
+        good = c.post(CHAT, json=ask("hello"))
+        ports = {client_port(r) for r in (streamed, whole, good)}
+    assert streamed.status_code == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "server_error"
+    assert any(json.loads(e).get("choices") for e in events[:-2])  # the stream had begun
+    assert whole.status_code == 500 and whole.json()["error"]["type"] == "server_error"
+    assert good.status_code == 200
+    assert len(ports) == 1
 
 
 def test_two_hundred_requests_at_concurrency_32_are_all_answered(server):
