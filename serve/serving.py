@@ -218,6 +218,13 @@ def error_events() -> list[str]:
     return [f"data: {json.dumps(error.model_dump())}\n\n", "data: [DONE]\n\n"]
 
 
+def failed_mid_stream(started: Started) -> list[str]:
+    """The events that end a stream whose engine failed after the 200 was sent: an OpenAI error event,
+    as vLLM's server sends it, then `[DONE]`, so that the keep-alive connection stays usable."""
+    log.exception("request %s failed mid-stream", started.requests[0].request_id)
+    return error_events()
+
+
 class Serving:
     """What both endpoints do over one engine: validation, queueing, token accounting, log-probabilities."""
 

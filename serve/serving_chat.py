@@ -32,8 +32,7 @@ from observe_r1_serve.serving import (
     Serving,
     Started,
     check_text,
-    error_events,
-    log,
+    failed_mid_stream,
     sse,
 )
 
@@ -197,11 +196,8 @@ class ChatServing(Serving):
                 )
                 yield chunk([closing])
         except Exception:
-            # The 200 is already sent: the client gets the error as an event, as vLLM's server sends
-            # it, and a stream that ends properly leaves its keep-alive connection usable.
-            log.exception("request %s failed mid-stream", started.requests[0].request_id)
-            for event in error_events():
-                yield event
+            for failure in failed_mid_stream(started):
+                yield failure
             return
         finally:
             await tracked.aclose()

@@ -25,8 +25,7 @@ from observe_r1_serve.serving import (
     Serving,
     Started,
     check_text,
-    error_events,
-    log,
+    failed_mid_stream,
     sse,
 )
 
@@ -216,9 +215,8 @@ class CompletionServing(Serving):
                     )
                     yield event([choice])
         except Exception:
-            log.exception("request %s failed mid-stream", started.requests[0].request_id)
-            for e in error_events():
-                yield e
+            for failure in failed_mid_stream(started):
+                yield failure
             return
         finally:
             await tracked.aclose()
