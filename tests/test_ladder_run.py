@@ -31,9 +31,9 @@ from observe_r1.cli import main
 from observe_r1.data import load_samples
 from observe_r1.modeling import load_model
 from observe_r1_train.config import load_training_config
-from observe_r1_train.ladder.build import question_key
 from observe_r1_train.ladder.inputs import Row
 from observe_r1_train.ladder.outputs import STAGE_FILES
+from observe_r1_train.ladder.scoring import question_key
 from observe_r1_train.prompts import prompt_text
 
 ROOT = Path(__file__).resolve().parents[1]
