@@ -172,8 +172,9 @@ def ready(base_url: str) -> bool:
 @pytest.fixture(scope="module")
 def failing(tiny_model_dir):
     """The real server in this process over the real engine, which fails on a prompt holding a marker:
-    while preparing it (before the response starts), or in its stream after the first text. No real request fails there (everything that can fail
-    on its input is refused before), so the failure is injected."""
+    while preparing it (before the response starts), or in its stream after the first text. No real
+    request fails there (everything that can fail on its input is refused before), so the failure is
+    injected."""
     import threading
 
     import uvicorn
